@@ -1,0 +1,46 @@
+"""Configuration: every `SMTP_WORKER_*` variable of the contract, in one Settings object."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SMTP_WORKER_", extra="ignore", frozen=True)
+
+    amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    database_url: str = "sqlite+aiosqlite:///var/smtp-worker.db"
+    secret_key: SecretStr | None = None
+    prefix: str = Field(default="smtp", pattern=r"^[A-Za-z0-9_.-]{1,100}$")
+    retry_delays: Annotated[tuple[float, ...], NoDecode] = (5, 30, 120, 600, 1800)
+    idempotency_ttl: float = Field(default=86400, gt=0)
+    max_message_bytes: int = Field(default=1048576, ge=1024)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+
+    # Not in the contract's table: tuning knobs with sensible defaults.
+    prefetch: int = Field(default=256, ge=1, le=65535)
+    shutdown_grace: float = Field(default=30, gt=0)
+    secret_key_file: str = "var/secret.key"
+
+    @field_validator("retry_delays", mode="before")
+    @classmethod
+    def _split_delays(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(float(part) for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("retry_delays")
+    @classmethod
+    def _positive_delays(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(delay <= 0 for delay in value):
+            raise ValueError("every retry delay must be positive")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value

@@ -1,0 +1,410 @@
+"""The command consumer: THE one place that decides what happens to a command message.
+
+    body --parse--> command --authenticate, idempotency, handler (one transaction)--> result
+         --publish reply, events, email jobs (confirmed)--> ack
+
+| what happened                              | reply          | message                   |
+|--------------------------------------------|----------------|---------------------------|
+| success, or a repeat of a processed one    | success/stored | ack                       |
+| refused by the rules (CommandError)        | error          | ack, `command.failed`     |
+| unreadable (not JSON/object, too large…)   | ValidationError| reject, no requeue: P.dead|
+| passing fault, unexpected error            | none           | reject with requeue       |
+| ... on its last delivery attempt           | GeneralError   | reject, no requeue: P.dead|
+| the reply or an event cannot be published  | none           | left unacked: redelivered |
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pydantic
+import structlog
+from aio_pika.abc import AbstractIncomingMessage
+from pydantic_core import to_json
+
+from schemas import COMMANDS, CommandBody, command_adapter
+from worker.broker import DELIVERY_LIMIT, Broker
+from worker.config import Settings
+from worker.errors import (
+    GENERAL_ERROR_MESSAGE,
+    AuthenticationError,
+    BrokerUnavailable,
+    CommandError,
+    ConcurrentWrite,
+    StoreUnavailable,
+    UnreadableMessage,
+    ValidationError,
+)
+from worker.handlers.base import (
+    REGISTRY,
+    Context,
+    Effect,
+    Principal,
+    Spec,
+    authenticate,
+    event_body,
+)
+from worker.security import Keyring
+from worker.store import Store, idempotency
+
+log = structlog.get_logger("worker.consumer")
+
+# In-process retries while the store is unreachable: about 30 s in all, so a short outage does
+# not burn the message's delivery attempts; past that the message is requeued.
+STORE_BACKOFF = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 10.0)
+CONCURRENT_WRITE_RETRIES = 5
+_UNREADABLE_TYPES = frozenset({"json_invalid", "json_type", "dict_type", "model_type"})
+_MAX_SHORTSTR = 255
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    """What the consumer needs of the AMQP message besides its body."""
+
+    message_id: str | None
+    reply_to: str | None
+    correlation_id: str | None
+    redelivered: bool
+    delivery_count: int
+
+    @classmethod
+    def of(cls, message: AbstractIncomingMessage) -> Meta:
+        headers = message.headers or {}
+        count = headers.get("x-delivery-count", 0)
+        reply_to = message.reply_to
+        if reply_to is not None and not (0 < len(reply_to) <= _MAX_SHORTSTR):
+            reply_to = None
+        return cls(
+            message_id=message.message_id or None,
+            reply_to=reply_to,
+            correlation_id=message.correlation_id or message.message_id or None,
+            redelivered=bool(message.redelivered) or bool(count),
+            delivery_count=count if isinstance(count, int) else 0,
+        )
+
+    @property
+    def last_attempt(self) -> bool:
+        return self.delivery_count >= DELIVERY_LIMIT
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    reply: bytes
+    effects: list[Effect]
+    outcome: str
+    status: str = "success"
+
+
+class _InvalidData(Exception):
+    """The body is a command of a known type, but its `auth` or `data` breaks the rules."""
+
+    def __init__(self, type_: str, errors: list[Any], auth: Any) -> None:
+        self.type = type_
+        self.errors = errors
+        self.auth = auth
+
+
+def _details(errors: list[Any]) -> list[dict[str, Any]]:
+    # The first element of a loc is the union tag; the sender never wrote it.
+    return [{"loc": list(e["loc"][1:]), "msg": e["msg"]} for e in errors]
+
+
+def error_reply(
+    type_: str | None, command_id: str | None, name: str, message: str, details: Any = None
+) -> bytes:
+    return to_json(
+        {
+            "status": "error",
+            "type": type_,
+            "command_id": command_id,
+            "error": {"name": name, "message": message, "details": details},
+        }
+    )
+
+
+def success_reply(type_: str, command_id: str | None, data: pydantic.BaseModel) -> bytes:
+    return to_json(
+        {"status": "success", "type": type_, "command_id": command_id, "data": data},
+        by_alias=True,
+    )
+
+
+class CommandConsumer:
+    def __init__(self, settings: Settings, store: Store, broker: Broker, keyring: Keyring) -> None:
+        self.settings = settings
+        self.store = store
+        self.broker = broker
+        self.keyring = keyring
+
+    # --- parsing --------------------------------------------------------------------------------
+
+    def parse(self, body: bytes) -> CommandBody:
+        if len(body) > self.settings.max_message_bytes:
+            raise UnreadableMessage(
+                f"the body is larger than {self.settings.max_message_bytes} bytes",
+                [{"loc": [], "msg": "too large"}],
+            )
+        try:
+            return command_adapter.validate_json(body)
+        except pydantic.ValidationError as exc:
+            errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        first = errors[0]
+        if first["type"] in _UNREADABLE_TYPES and not first["loc"]:
+            raise UnreadableMessage(
+                "the body is not a JSON object", [{"loc": [], "msg": first["msg"]}]
+            )
+        if first["type"] == "union_tag_not_found":
+            raise UnreadableMessage(
+                "the body has no command type", [{"loc": ["type"], "msg": "Field required"}]
+            )
+        if first["type"] == "union_tag_invalid":
+            raise UnreadableMessage(
+                "unknown command type", [{"loc": ["type"], "msg": "unknown command type"}]
+            )
+        raw = json.loads(body)  # valid JSON object: pydantic got past the tag
+        raise _InvalidData(str(first["loc"][0]), errors, raw.get("auth"))
+
+    @staticmethod
+    def _guess_type(body: bytes) -> str | None:
+        try:
+            value = json.loads(body)
+        except (ValueError, RecursionError):
+            return None
+        type_ = value.get("type") if isinstance(value, dict) else None
+        return type_[:_MAX_SHORTSTR] if isinstance(type_, str) else None
+
+    # --- the message's fate ---------------------------------------------------------------------
+
+    async def __call__(self, message: AbstractIncomingMessage) -> None:
+        started = time.perf_counter()
+        meta = Meta.of(message)
+        structlog.contextvars.bind_contextvars(
+            message_id=meta.message_id, correlation_id=meta.correlation_id
+        )
+        outcome = "unknown"
+        try:
+            outcome = await self._process(message, meta)
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            log.info(
+                "command.processed",
+                outcome=outcome,
+                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            )
+            structlog.contextvars.clear_contextvars()
+
+    async def _process(self, message: AbstractIncomingMessage, meta: Meta) -> str:
+        type_: str | None = None
+        invalid: _InvalidData | None = None
+        command: CommandBody | None = None
+        try:
+            if meta.message_id is not None and len(meta.message_id) > 128:
+                raise UnreadableMessage(
+                    "message_id is longer than 128 characters",
+                    [{"loc": ["properties", "message_id"], "msg": "at most 128 characters"}],
+                )
+            try:
+                command = self.parse(message.body)
+                type_ = command.type
+            except _InvalidData as exc:
+                invalid, type_ = exc, exc.type
+        except UnreadableMessage as exc:
+            structlog.contextvars.bind_contextvars(type=self._guess_type(message.body))
+            reply = error_reply(
+                self._guess_type(message.body), meta.message_id, exc.name, exc.message, exc.details
+            )
+            await self._reply_quietly(meta, reply, self._guess_type(message.body), "error")
+            await self._settle(message.reject(requeue=False))
+            return "unreadable"
+
+        structlog.contextvars.bind_contextvars(type=type_)
+        spec = REGISTRY.get(type_)
+        try:
+            if spec is None:
+                raise NotImplementedError(f"no handler for {type_}")
+            result = await self._execute(spec, command, invalid, meta)
+        except Exception as exc:
+            transient = isinstance(exc, StoreUnavailable | BrokerUnavailable)
+            log.warning(
+                "command.failed_attempt",
+                error=type(exc).__name__,
+                transient=transient,
+                exc_info=not transient,
+                delivery_count=meta.delivery_count,
+            )
+            if not meta.last_attempt:
+                await self._settle(message.reject(requeue=True))
+                return "requeued"
+            reply = error_reply(type_, meta.message_id, "GeneralError", GENERAL_ERROR_MESSAGE)
+            await self._reply_quietly(meta, reply, type_, "error")
+            await self._settle(message.reject(requeue=False))
+            return "dead-lettered"
+
+        try:
+            await self._publish(meta, type_, result)
+        except BrokerUnavailable:
+            # Without its reply the command is not done; the broker will deliver it again (its
+            # channel is most likely gone), and idempotency answers with the stored reply.
+            log.warning("command.publish_failed")
+            await self._settle(message.reject(requeue=True))
+            return "requeued"
+        await self._settle(message.ack())
+        return result.outcome
+
+    async def _settle(self, action: Any) -> None:
+        try:
+            await action
+        except Exception:  # noqa: BLE001 - a dead channel: the broker redelivers on its own
+            log.warning("command.settle_failed")
+
+    async def _reply_quietly(self, meta: Meta, body: bytes, type_: str | None, status: str) -> None:
+        if meta.reply_to is None:
+            return
+        try:
+            await self.broker.publish_reply(
+                meta.reply_to, body, correlation_id=meta.correlation_id, type_=type_, status=status
+            )
+        except BrokerUnavailable:
+            log.warning("command.reply_failed")
+
+    async def _publish(self, meta: Meta, type_: str, result: Result) -> None:
+        jobs = []
+        if meta.reply_to is not None:
+            jobs.append(
+                self.broker.publish_reply(
+                    meta.reply_to,
+                    result.reply,
+                    correlation_id=meta.correlation_id,
+                    type_=type_,
+                    status=result.status,
+                )
+            )
+        for effect in result.effects:
+            if effect.kind == "event":
+                jobs.append(self.broker.publish_event(effect.routing_key, effect.body))
+            else:
+                jobs.append(self.broker.publish_delivery(effect.body))
+        outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    # --- execution ------------------------------------------------------------------------------
+
+    async def _execute(
+        self, spec: Spec, command: CommandBody | None, invalid: _InvalidData | None, meta: Meta
+    ) -> Result:
+        conflicts = 0
+        backoff = iter(STORE_BACKOFF)
+        while True:
+            try:
+                return await self._execute_once(spec, command, invalid, meta)
+            except ConcurrentWrite:
+                conflicts += 1
+                if conflicts > CONCURRENT_WRITE_RETRIES:
+                    raise
+            except StoreUnavailable:
+                delay = next(backoff, None)
+                if delay is None:
+                    raise
+                log.warning("store.unavailable", retry_in=delay)
+                await asyncio.sleep(delay)
+
+    async def _execute_once(
+        self, spec: Spec, command: CommandBody | None, invalid: _InvalidData | None, meta: Meta
+    ) -> Result:
+        now = datetime.now(UTC)
+        principal: Principal | None = None
+        try:
+            async with self.store.transaction() as conn:
+                principal = await authenticate(
+                    conn, self.keyring, spec.auth, self._auth(spec, command, invalid)
+                )
+                if meta.message_id is not None:
+                    found = await idempotency.find(conn, principal.owner_id, meta.message_id, now)
+                    if found is not None:
+                        # A redelivery may follow a crash between commit and publish: publish
+                        # everything again. A fresh repeat gets its reply only.
+                        effects = found.effects if meta.redelivered else []
+                        return Result(found.reply, effects, "duplicate", _status(found.reply))
+                if invalid is not None:
+                    raise ValidationError("the command's data is invalid", _details(invalid.errors))
+                assert command is not None
+                ctx = Context(conn, principal, now, self.keyring, self.settings)
+                data = await spec.handler(ctx, command.data)
+                if spec.finish is None:
+                    reply = success_reply(spec.type, meta.message_id, data)
+                    await self._record(conn, principal, meta, spec.type, reply, ctx.effects, now)
+                    return Result(reply, ctx.effects, "success")
+            # Slow I/O after the transaction; its reply is recorded in a second one.
+            data = await spec.finish(data)
+            reply = success_reply(spec.type, meta.message_id, data)
+            if meta.message_id is not None:
+                async with self.store.transaction() as conn:
+                    await self._record(conn, principal, meta, spec.type, reply, ctx.effects, now)
+            return Result(reply, ctx.effects, "success")
+        except CommandError as exc:
+            return await self._refused(spec.type, principal, meta, exc, now)
+
+    @staticmethod
+    def _auth(spec: Spec, command: CommandBody | None, invalid: _InvalidData | None) -> Any:
+        if command is not None:
+            return command.auth
+        assert invalid is not None
+        if any(len(e["loc"]) > 1 and e["loc"][1] == "auth" for e in invalid.errors):
+            raise AuthenticationError()
+        # `auth` is fine, only `data` is not: who asked decides the event and idempotency scope.
+        return COMMANDS[spec.type][0].model_validate(invalid.auth)
+
+    async def _record(
+        self,
+        conn: Any,
+        principal: Principal,
+        meta: Meta,
+        type_: str,
+        reply: bytes,
+        effects: list[Effect],
+        now: datetime,
+    ) -> None:
+        if meta.message_id is None:
+            return
+        await idempotency.record(
+            conn,
+            owner_id=principal.owner_id,
+            message_id=meta.message_id,
+            type_=type_,
+            reply=reply,
+            effects=effects,
+            now=now,
+            ttl=self.settings.idempotency_ttl,
+        )
+
+    async def _refused(
+        self, type_: str, principal: Principal | None, meta: Meta, exc: CommandError, now: datetime
+    ) -> Result:
+        structlog.contextvars.bind_contextvars(error=exc.name)
+        reply = error_reply(type_, meta.message_id, exc.name, exc.message, exc.details)
+        owner_id = principal.owner_id if principal else None
+        failed = {
+            "type": type_,
+            "command_id": meta.message_id,
+            "error": {"name": exc.name, "message": exc.message, "details": exc.details},
+        }
+        effects = [
+            Effect("event", "command.failed", event_body("command.failed", owner_id, now, failed))
+        ]
+        if principal is not None and meta.message_id is not None:
+            async with self.store.transaction() as conn:
+                await self._record(conn, principal, meta, type_, reply, effects, now)
+        return Result(reply, effects, "refused", "error")
+
+
+def _status(reply: bytes) -> str:
+    return "error" if reply.startswith(b'{"status":"error"') else "success"

@@ -1,0 +1,142 @@
+"""What every handler gets (a Context) and how commands find their handler (the registry).
+
+Handlers take a Context and validated data, and return a pydantic model: the reply's `data`.
+They raise CommandError subclasses to refuse. They never see AMQP or raw JSON; what they want
+published (events, emails to deliver) they add to the Context, and the consumer publishes it
+once the transaction has committed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel
+from pydantic_core import to_json
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from schemas.envelope import OwnerAuth, UserAuth
+from worker.config import Settings
+from worker.errors import AuthenticationError, Forbidden
+from worker.security import Keyring
+from worker.store.tables import owners, smtp_users
+
+AuthKind = Literal["owner", "user"]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who sent the command: an owner, or one of its SMTP users."""
+
+    owner_id: str
+    user: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Effect:
+    """Something to publish after commit: an event, or an email job for the delivery queue."""
+
+    kind: Literal["event", "delivery"]
+    routing_key: str
+    body: bytes
+
+    def dump(self) -> dict[str, str]:
+        return {"kind": self.kind, "routing_key": self.routing_key, "body": self.body.decode()}
+
+    @classmethod
+    def load(cls, raw: dict[str, str]) -> Effect:
+        kind: Any = raw["kind"]
+        return cls(kind, raw["routing_key"], raw["body"].encode())
+
+
+def event_body(type_: str, owner_id: str | None, now: datetime, data: Any) -> bytes:
+    return to_json(
+        {"type": type_, "id": uuid.uuid4().hex, "time": now, "owner_id": owner_id, "data": data},
+        by_alias=True,
+    )
+
+
+@dataclass(slots=True)
+class Context:
+    conn: AsyncConnection
+    principal: Principal
+    now: datetime
+    keyring: Keyring
+    settings: Settings
+    effects: list[Effect] = field(default_factory=list)
+
+    @property
+    def owner_id(self) -> str:
+        return self.principal.owner_id
+
+    def emit(self, type_: str, data: Any) -> None:
+        self.effects.append(
+            Effect("event", type_, event_body(type_, self.owner_id, self.now, data))
+        )
+
+    def deliver(self, email_id: str) -> None:
+        self.effects.append(Effect("delivery", "", to_json({"email_id": email_id})))
+
+
+M = TypeVar("M", bound=BaseModel)
+Handler = Callable[[Context, Any], Awaitable[BaseModel]]
+Finish = Callable[[Any], Awaitable[BaseModel]]
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    type: str
+    auth: AuthKind
+    handler: Handler
+    # A handler with slow I/O (a relay probe) returns what `finish` needs, and `finish` runs
+    # after the transaction, so no store connection or SQLite lock is held across the network.
+    finish: Finish | None = None
+
+
+REGISTRY: dict[str, Spec] = {}
+
+
+def command(
+    type_: str, auth: AuthKind, *, finish: Finish | None = None
+) -> Callable[[Callable[[Context, Any], Awaitable[Any]]], Callable[[Context, Any], Awaitable[Any]]]:
+    def register(
+        handler: Callable[[Context, Any], Awaitable[Any]],
+    ) -> Callable[[Context, Any], Awaitable[Any]]:
+        if type_ in REGISTRY:
+            raise RuntimeError(f"two handlers for {type_}")
+        REGISTRY[type_] = Spec(type_, auth, handler, finish)
+        return handler
+
+    return register
+
+
+async def authenticate(
+    conn: AsyncConnection, keyring: Keyring, kind: AuthKind, auth: OwnerAuth | UserAuth
+) -> Principal:
+    """The principal behind `auth`, or AuthenticationError with one message for every cause."""
+    if kind == "owner":
+        assert isinstance(auth, OwnerAuth)
+        row = (
+            await conn.execute(select(owners.c.token_hash).where(owners.c.id == auth.owner_id))
+        ).first()
+        # Hash even when the owner is missing, so both cases cost the same.
+        if not keyring.verify(auth.token, row.token_hash if row else "") or row is None:
+            raise AuthenticationError()
+        return Principal(auth.owner_id)
+    assert isinstance(auth, UserAuth)
+    user = (
+        await conn.execute(
+            select(smtp_users.c.owner_id, smtp_users.c.password_hash, smtp_users.c.status).where(
+                smtp_users.c.name == auth.login
+            )
+        )
+    ).first()
+    if not keyring.verify(auth.password, user.password_hash if user else "") or user is None:
+        raise AuthenticationError()
+    if user.status != "Enable":
+        raise Forbidden("the SMTP user is disabled")
+    return Principal(user.owner_id, auth.login)

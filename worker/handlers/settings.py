@@ -1,0 +1,385 @@
+"""Settings commands: email settings per domain, SMTP users, channels (contract section 6)."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.engine import Row
+
+from schemas import settings as s
+from worker.errors import Conflict, NotFound, ValidationError
+from worker.handlers.base import Context, command
+from worker.mail.relay import Relay, probe
+from worker.security import new_id, new_token
+from worker.store.tables import channels, email_settings, smtp_users
+
+# --- email settings -----------------------------------------------------------------------------
+
+
+def _settings_out(row: Any) -> s.EmailSettings:
+    options = row.options
+    auth = s.RelayAuthOut(user=options["auth_user"]) if options.get("auth_user") else None
+    return s.EmailSettings(
+        id=row.id,
+        domain=row.domain,
+        provider=row.provider,
+        description=row.description,
+        from_=row.sender,
+        options=s.SmtpOptionsOut(
+            host=options["host"],
+            port=options["port"],
+            secure=options["secure"],
+            starttls=options["starttls"],
+            debug=options["debug"],
+            tls=s.TlsOptions(rejectUnauthorized=options["rejectUnauthorized"]),
+            auth=auth,
+            timeout=options["timeout"],
+        ),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _stored_options(options: s.SmtpOptions) -> dict[str, Any]:
+    """The relay options as stored: everything but the password, which is kept encrypted."""
+    return {
+        "host": options.host,
+        "port": options.port,
+        "secure": options.secure,
+        "starttls": options.starttls,
+        "debug": options.debug,
+        "rejectUnauthorized": options.tls.rejectUnauthorized,
+        "timeout": options.timeout,
+        "auth_user": options.auth.user if options.auth else None,
+    }
+
+
+async def _own_settings(ctx: Context, domain: str) -> Row[Any]:
+    row = (
+        await ctx.conn.execute(
+            select(email_settings).where(
+                email_settings.c.domain == domain, email_settings.c.owner_id == ctx.owner_id
+            )
+        )
+    ).first()
+    if row is None:
+        raise NotFound("email settings", [domain])
+    return row
+
+
+@command("settings.email.create", "owner")
+async def create_email_settings(ctx: Context, data: s.EmailSettingsCreate) -> s.EmailSettings:
+    taken = await ctx.conn.scalar(
+        select(email_settings.c.id).where(email_settings.c.domain == data.domain)
+    )
+    if taken is not None:
+        raise Conflict(f"the domain {data.domain} is already configured")
+    auth = data.options.auth
+    values = {
+        "id": new_id(),
+        "owner_id": ctx.owner_id,
+        "domain": data.domain,
+        "provider": data.provider,
+        "description": data.description,
+        "sender": data.from_,
+        "options": _stored_options(data.options),
+        "auth_pass_enc": ctx.keyring.encrypt(auth.pass_) if auth else None,
+        "created_at": ctx.now,
+        "updated_at": ctx.now,
+    }
+    await ctx.conn.execute(insert(email_settings).values(**values))
+    out = _settings_out(Written(values))
+    ctx.emit("email_settings.created", out)
+    return out
+
+
+@command("settings.email.get", "owner")
+async def get_email_settings(ctx: Context, data: s.DomainRef) -> s.EmailSettings:
+    return _settings_out(await _own_settings(ctx, data.domain))
+
+
+@command("settings.email.update", "owner")
+async def update_email_settings(ctx: Context, data: s.EmailSettingsUpdate) -> s.EmailSettings:
+    row = await _own_settings(ctx, data.domain)
+    given = data.model_fields_set
+    options = dict(row.options)
+    pass_enc = row.auth_pass_enc
+    if "options" in given and data.options is not None:
+        patch = data.options
+        for key in patch.model_fields_set - {"auth", "tls"}:
+            value = getattr(patch, key)
+            if value is None:
+                raise ValidationError(
+                    "invalid options", [{"loc": ["options", key], "msg": "must not be null"}]
+                )
+            options[key] = value
+        if "tls" in patch.model_fields_set and patch.tls is not None:
+            options["rejectUnauthorized"] = patch.tls.rejectUnauthorized
+        if "auth" in patch.model_fields_set:
+            if patch.auth is None:
+                options["auth_user"], pass_enc = None, None
+            else:
+                user = patch.auth.user or options.get("auth_user")
+                if patch.auth.pass_ is not None:
+                    pass_enc = ctx.keyring.encrypt(patch.auth.pass_)
+                missing = [f for f, v in (("user", user), ("pass", pass_enc)) if v is None]
+                if missing:
+                    raise ValidationError(
+                        "relay login needs a user and a password",
+                        [{"loc": ["options", "auth", f], "msg": "Field required"} for f in missing],
+                    )
+                options["auth_user"] = user
+    values: dict[str, Any] = {"options": options, "auth_pass_enc": pass_enc, "updated_at": ctx.now}
+    for field, column in (
+        ("provider", "provider"),
+        ("description", "description"),
+        ("from_", "sender"),
+    ):
+        if field in given:
+            value = getattr(data, field)
+            if value is None and field != "description":
+                raise ValidationError(
+                    "invalid settings", [{"loc": [field.rstrip("_")], "msg": "must not be null"}]
+                )
+            values[column] = value
+    await ctx.conn.execute(
+        update(email_settings).where(email_settings.c.id == row.id).values(**values)
+    )
+    out = _settings_out(Written({**row._asdict(), **values}))
+    ctx.emit("email_settings.updated", out)
+    return out
+
+
+@command("settings.email.delete", "owner")
+async def delete_email_settings(ctx: Context, data: s.DomainRef) -> s.Removed:
+    row = await _own_settings(ctx, data.domain)
+    await ctx.conn.execute(delete(email_settings).where(email_settings.c.id == row.id))
+    ctx.emit("email_settings.deleted", {"domain": data.domain})
+    return s.Removed()
+
+
+async def _probe(relay: Relay) -> s.EmailTestResult:
+    result = await probe(relay)
+    return s.EmailTestResult(ok=result.ok, stage=result.stage, message=result.message)
+
+
+@command("settings.email.test", "owner", finish=_probe)
+async def test_email_settings(ctx: Context, data: s.DomainRef) -> Relay:
+    row = await _own_settings(ctx, data.domain)
+    return relay_of(row, ctx.keyring.decrypt(row.auth_pass_enc) if row.auth_pass_enc else None)
+
+
+def relay_of(row: Row[Any], password: str | None) -> Relay:
+    options = row.options
+    return Relay(
+        host=options["host"],
+        port=options["port"],
+        secure=options["secure"],
+        starttls=options["starttls"],
+        reject_unauthorized=options["rejectUnauthorized"],
+        username=options.get("auth_user"),
+        password=password,
+        timeout=float(options["timeout"]),
+    )
+
+
+class Written:
+    """Attribute access over a dict, to render a row that was just written without reading it."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.__dict__.update(values)
+
+
+# --- SMTP users ---------------------------------------------------------------------------------
+
+
+def current_hour(ctx: Context) -> int:
+    return int(ctx.now.timestamp()) // 3600
+
+
+def _user_out(row: Any, hour: int) -> s.SmtpUser:
+    return s.SmtpUser(
+        smtp_user_name=row.name,
+        status=row.status,
+        total_limit=row.total_limit,
+        hourly_limit=row.hourly_limit,
+        total_sent=row.total_sent,
+        hourly_sent=row.hourly_sent if row.sent_hour == hour else 0,
+        created_at=row.created_at,
+    )
+
+
+async def _own_user(ctx: Context, name: str) -> Row[Any]:
+    row = (
+        await ctx.conn.execute(
+            select(smtp_users).where(
+                smtp_users.c.name == name, smtp_users.c.owner_id == ctx.owner_id
+            )
+        )
+    ).first()
+    if row is None:
+        raise NotFound("SMTP user", [name])
+    return row
+
+
+@command("settings.smtp_user.add", "owner")
+async def add_smtp_user(ctx: Context, data: s.SmtpUserAdd) -> s.SmtpUserCreated:
+    name, password = f"smtp_{secrets.token_hex(8)}", new_token()
+    await ctx.conn.execute(
+        insert(smtp_users).values(
+            name=name,
+            owner_id=ctx.owner_id,
+            password_hash=ctx.keyring.hash(password),
+            status="Enable",
+            total_limit=data.total_limit,
+            hourly_limit=data.hourly_limit,
+            total_sent=0,
+            hourly_sent=0,
+            sent_hour=0,
+            created_at=ctx.now,
+        )
+    )
+    out = s.SmtpUserCreated(
+        smtp_user_name=name,
+        smtp_password=password,
+        status="Enable",
+        total_limit=data.total_limit,
+        hourly_limit=data.hourly_limit,
+    )
+    ctx.emit("smtp_user.created", out.model_dump(mode="json", exclude={"smtp_password"}))
+    return out
+
+
+@command("settings.smtp_user.edit", "owner")
+async def edit_smtp_user(ctx: Context, data: s.SmtpUserEdit) -> s.SmtpUser:
+    row = await _own_user(ctx, data.smtp_user_name)
+    values = {
+        key: value
+        for key in ("total_limit", "hourly_limit", "status")
+        if (value := getattr(data, key)) is not None
+    }
+    if values:
+        await ctx.conn.execute(
+            update(smtp_users).where(smtp_users.c.name == row.name).values(**values)
+        )
+    out = _user_out(Written({**row._asdict(), **values}), current_hour(ctx))
+    ctx.emit("smtp_user.updated", out)
+    return out
+
+
+@command("settings.smtp_user.reset_password", "owner")
+async def reset_smtp_password(ctx: Context, data: s.SmtpUserRef) -> s.SmtpUserPassword:
+    row = await _own_user(ctx, data.smtp_user_name)
+    password = new_token()
+    await ctx.conn.execute(
+        update(smtp_users)
+        .where(smtp_users.c.name == row.name)
+        .values(password_hash=ctx.keyring.hash(password))
+    )
+    ctx.emit("smtp_user.password_reset", {"smtp_user_name": row.name})
+    return s.SmtpUserPassword(smtp_user_name=row.name, smtp_password=password)
+
+
+@command("settings.smtp_user.list", "owner")
+async def list_smtp_users(ctx: Context, data: s.Empty) -> s.SmtpUserList:
+    rows = await ctx.conn.execute(
+        select(smtp_users)
+        .where(smtp_users.c.owner_id == ctx.owner_id)
+        .order_by(smtp_users.c.created_at, smtp_users.c.name)
+    )
+    hour = current_hour(ctx)
+    return s.SmtpUserList(smtp_list=[_user_out(row, hour) for row in rows])
+
+
+@command("settings.smtp_user.delete", "owner")
+async def delete_smtp_user(ctx: Context, data: s.SmtpUserRef) -> s.Removed:
+    row = await _own_user(ctx, data.smtp_user_name)
+    await ctx.conn.execute(delete(smtp_users).where(smtp_users.c.name == row.name))
+    ctx.emit("smtp_user.deleted", {"smtp_user_name": row.name})
+    return s.Removed()
+
+
+# --- channels -----------------------------------------------------------------------------------
+
+
+def _channel_out(row: Any) -> s.Channel:
+    return s.Channel(
+        name=row.name,
+        domain=row.domain,
+        recipients=row.recipients,
+        subject_prefix=row.subject_prefix,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+async def own_channel(ctx: Context, name: str) -> Row[Any]:
+    row = (
+        await ctx.conn.execute(
+            select(channels).where(channels.c.owner_id == ctx.owner_id, channels.c.name == name)
+        )
+    ).first()
+    if row is None:
+        raise NotFound("channel", [name])
+    return row
+
+
+@command("settings.channel.put", "owner")
+async def put_channel(ctx: Context, data: s.ChannelPut) -> s.Channel:
+    await _own_settings(ctx, data.domain)
+    existing = (
+        await ctx.conn.execute(
+            select(channels.c.created_at).where(
+                channels.c.owner_id == ctx.owner_id, channels.c.name == data.name
+            )
+        )
+    ).first()
+    values = {
+        "domain": data.domain,
+        "recipients": data.recipients,
+        "subject_prefix": (
+            data.subject_prefix if data.subject_prefix is not None else f"[{data.name}]"
+        ),
+        "updated_at": ctx.now,
+    }
+    if existing is None:
+        await ctx.conn.execute(
+            insert(channels).values(
+                owner_id=ctx.owner_id, name=data.name, created_at=ctx.now, **values
+            )
+        )
+    else:
+        await ctx.conn.execute(
+            update(channels)
+            .where(channels.c.owner_id == ctx.owner_id, channels.c.name == data.name)
+            .values(**values)
+        )
+    created_at = ctx.now if existing is None else existing.created_at
+    out = _channel_out(Written({"name": data.name, "created_at": created_at, **values}))
+    ctx.emit("channel.updated", out)
+    return out
+
+
+@command("settings.channel.get", "owner")
+async def get_channel(ctx: Context, data: s.ChannelRef) -> s.Channel:
+    return _channel_out(await own_channel(ctx, data.name))
+
+
+@command("settings.channel.list", "owner")
+async def list_channels(ctx: Context, data: s.Empty) -> s.ChannelList:
+    rows = await ctx.conn.execute(
+        select(channels).where(channels.c.owner_id == ctx.owner_id).order_by(channels.c.name)
+    )
+    return s.ChannelList(channels=[_channel_out(row) for row in rows])
+
+
+@command("settings.channel.delete", "owner")
+async def delete_channel(ctx: Context, data: s.ChannelRef) -> s.Removed:
+    await own_channel(ctx, data.name)
+    await ctx.conn.execute(
+        delete(channels).where(channels.c.owner_id == ctx.owner_id, channels.c.name == data.name)
+    )
+    ctx.emit("channel.deleted", {"name": data.name})
+    return s.Removed()

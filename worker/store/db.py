@@ -1,0 +1,107 @@
+"""The store: one async engine, transactions, and the translation of database errors.
+
+SQLite and PostgreSQL go through one code path. SQLite allows a single writer, so its transactions
+are serialised in-process by a lock and across processes by `BEGIN IMMEDIATE` (which waits up to
+`busy_timeout` instead of failing when a read transaction would upgrade to a write).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool
+
+from worker.errors import ConcurrentWrite, StoreUnavailable
+
+# PostgreSQL: serialization_failure, deadlock_detected.
+_RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+
+
+def translate_error(exc: BaseException) -> Exception | None:
+    """Our error for a database error, or None when it is not one we know how to treat."""
+    if isinstance(exc, IntegrityError):
+        return ConcurrentWrite("a concurrent write came first")
+    if isinstance(exc, DBAPIError):
+        sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        if sqlstate in _RETRYABLE_SQLSTATES:
+            return ConcurrentWrite("serialization failure")
+        if exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError):
+            return StoreUnavailable("the store is unavailable")
+    if isinstance(exc, PoolTimeout | OSError | TimeoutError):
+        return StoreUnavailable("the store is unavailable")
+    # asyncpg raises its own connection errors outside the DBAPI hierarchy when connecting.
+    if type(exc).__module__.startswith("asyncpg") and "Connection" in type(exc).__name__:
+        return StoreUnavailable("the store is unavailable")
+    return None
+
+
+def _sqlite_setup(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the driver, emit BEGIN (the pysqlite/aiosqlite recipe).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        parsed = make_url(url)
+        self.url = url
+        self.dialect = parsed.get_backend_name()
+        self._lock: asyncio.Lock | None = None
+        if self.dialect == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            # One connection is all a single writer needs.
+            self.engine = create_async_engine(
+                url,
+                hide_parameters=True,
+                poolclass=AsyncAdaptedQueuePool,
+                pool_size=1,
+                max_overflow=0,
+            )
+            _sqlite_setup(self.engine)
+            self._lock = asyncio.Lock()
+        else:
+            self.engine = create_async_engine(
+                url,
+                hide_parameters=True,
+                pool_size=10,
+                max_overflow=20,
+                pool_timeout=10,
+                pool_recycle=1800,
+            )
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        """One transaction; database errors leave it as StoreUnavailable or ConcurrentWrite."""
+        lock = self._lock or contextlib.nullcontext()
+        try:
+            async with lock, self.engine.begin() as conn:
+                yield conn
+        except Exception as exc:
+            ours = translate_error(exc)
+            if ours is None:
+                raise
+            raise ours from exc
+
+    async def close(self) -> None:
+        await self.engine.dispose()

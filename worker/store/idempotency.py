@@ -1,0 +1,68 @@
+"""Processed commands: what a command with a message_id answered, for its repeats."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from worker.handlers.base import Effect
+from worker.store.tables import processed_commands as pc
+
+
+@dataclass(frozen=True, slots=True)
+class Processed:
+    reply: bytes
+    effects: list[Effect]
+
+
+async def find(
+    conn: AsyncConnection, owner_id: str, message_id: str, now: datetime
+) -> Processed | None:
+    row = (
+        await conn.execute(
+            select(pc.c.reply, pc.c.effects).where(
+                pc.c.owner_id == owner_id, pc.c.message_id == message_id, pc.c.expires_at > now
+            )
+        )
+    ).first()
+    if row is None:
+        return None
+    return Processed(row.reply.encode(), [Effect.load(e) for e in json.loads(row.effects)])
+
+
+async def record(
+    conn: AsyncConnection,
+    *,
+    owner_id: str,
+    message_id: str,
+    type_: str,
+    reply: bytes,
+    effects: list[Effect],
+    now: datetime,
+    ttl: float,
+) -> None:
+    # An expired record of the same key may still be there until the sweeper runs.
+    await conn.execute(
+        delete(pc).where(
+            pc.c.owner_id == owner_id, pc.c.message_id == message_id, pc.c.expires_at <= now
+        )
+    )
+    await conn.execute(
+        insert(pc).values(
+            owner_id=owner_id,
+            message_id=message_id,
+            type=type_,
+            reply=reply.decode(),
+            effects=json.dumps([e.dump() for e in effects]),
+            expires_at=now + timedelta(seconds=ttl),
+        )
+    )
+
+
+async def sweep(conn: AsyncConnection, now: datetime) -> int:
+    result = await conn.execute(delete(pc).where(pc.c.expires_at <= now))
+    return result.rowcount or 0

@@ -1,0 +1,172 @@
+"""The store's tables, as SQLAlchemy Core metadata (the migrations create the same)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, on SQLite as on PostgreSQL."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and dialect.name == "sqlite":
+            return value.astimezone(UTC).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)  # type: ignore[no-any-return]
+        return value.astimezone(UTC)  # type: ignore[no-any-return]
+
+
+metadata = MetaData()
+
+Id = String(64)
+
+owners = Table(
+    "owners",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("token_hash", String(64), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+email_settings = Table(
+    "email_settings",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("owner_id", Id, ForeignKey("owners.id"), nullable=False, index=True),
+    Column("domain", String(253), nullable=False, unique=True),
+    Column("provider", String(16), nullable=False),
+    Column("description", Text),
+    Column("sender", String(320), nullable=False),
+    # host, port, secure, starttls, debug, tls, timeout, auth_user: everything but the password
+    Column("options", JSON, nullable=False),
+    Column("auth_pass_enc", Text),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+smtp_users = Table(
+    "smtp_users",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("owner_id", Id, ForeignKey("owners.id"), nullable=False, index=True),
+    Column("password_hash", String(64), nullable=False),
+    Column("status", String(8), nullable=False),
+    Column("total_limit", BigInteger, nullable=False),
+    Column("hourly_limit", BigInteger, nullable=False),
+    Column("total_sent", BigInteger, nullable=False, server_default=text("0")),
+    # hourly_sent counts the UTC clock hour `sent_hour` (hours since the epoch)
+    Column("hourly_sent", BigInteger, nullable=False, server_default=text("0")),
+    Column("sent_hour", BigInteger, nullable=False, server_default=text("0")),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+channels = Table(
+    "channels",
+    metadata,
+    Column("owner_id", Id, ForeignKey("owners.id"), primary_key=True),
+    Column("name", String(64), primary_key=True),
+    Column("domain", String(253), nullable=False),
+    Column("recipients", JSON, nullable=False),
+    Column("subject_prefix", String(200), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+tickets = Table(
+    "tickets",
+    metadata,
+    Column("sid", Id, primary_key=True),
+    Column("owner_id", Id, ForeignKey("owners.id"), nullable=False),
+    Column("channel", String(64), nullable=False),
+    Column("title", String(200), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("severity", String(16), nullable=False),
+    Column("dedup_key", String(200)),
+    Column("status", String(16), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Column("closed_at", UtcDateTime),
+    Column("comment", Text),
+    Column("hit_count", Integer, nullable=False, server_default=text("0")),
+    Column("last_hit_at", UtcDateTime),
+    Column("created_by", String(64), nullable=False),
+    Column("delivery_status", String(16), nullable=False),
+    Column("delivery_attempts", Integer, nullable=False, server_default=text("0")),
+    Column("delivery_last_error", Text),
+    Index("ix_tickets_owner", "owner_id", "created_at"),
+    # At most one open ticket per dedup_key and channel: the race of two workers folding the same
+    # alert ends in a unique violation, retried, instead of two tickets.
+    Index(
+        "ux_tickets_open_dedup",
+        "owner_id",
+        "channel",
+        "dedup_key",
+        unique=True,
+        sqlite_where=text("dedup_key IS NOT NULL AND status != 'closed'"),
+        postgresql_where=text("dedup_key IS NOT NULL AND status != 'closed'"),
+    ),
+)
+
+hits = Table(
+    "hits",
+    metadata,
+    Column("sid", Id, ForeignKey("tickets.sid", ondelete="CASCADE"), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("summary", Text, nullable=False),
+    Column("body", Text),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+# One row per email to send: written in the command's transaction, sent by the delivery consumer.
+emails = Table(
+    "emails",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("owner_id", Id, nullable=False),
+    Column("sid", Id, nullable=False, index=True),
+    Column("seq", Integer),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("last_error", Text),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+# Idempotency: the reply (and what it caused) of every command processed with a message_id.
+processed_commands = Table(
+    "processed_commands",
+    metadata,
+    Column("owner_id", Id, primary_key=True),
+    Column("message_id", String(128), primary_key=True),
+    Column("type", String(64), nullable=False),
+    Column("reply", Text, nullable=False),
+    Column("effects", Text, nullable=False),
+    Column("expires_at", UtcDateTime, nullable=False, index=True),
+)
