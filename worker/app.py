@@ -64,6 +64,14 @@ class Worker:
         return run
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await asyncio.shield(self.broker.close())
+            await asyncio.shield(self.store.close())
+            raise
+
+    async def _start(self) -> None:
         await migrate(self.store)
         await self.broker.connect()
         commands = self._tracked(
