@@ -152,6 +152,8 @@ emails = Table(
     Column("owner_id", Id, nullable=False),
     Column("sid", Id, nullable=False, index=True),
     Column("seq", Integer),
+    Column("domain", String(253), nullable=False),
+    Column("recipients", JSON, nullable=False),
     Column("status", String(16), nullable=False),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("last_error", Text),

@@ -107,6 +107,8 @@ def upgrade() -> None:
         sa.Column("owner_id", Id, nullable=False),
         sa.Column("sid", Id, nullable=False, index=True),
         sa.Column("seq", sa.Integer),
+        sa.Column("domain", sa.String(253), nullable=False),
+        sa.Column("recipients", sa.JSON, nullable=False),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
         sa.Column("last_error", sa.Text),

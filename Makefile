@@ -1,0 +1,48 @@
+# The README's two commands are `make run` and `make test`; everything else is a helper.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+# The tests use these services (override them, or set them empty to have testcontainers start
+# them in Docker).
+SMTP_WORKER_TEST_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
+SMTP_WORKER_TEST_POSTGRES_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/postgres
+export SMTP_WORKER_TEST_AMQP_URL SMTP_WORKER_TEST_POSTGRES_URL
+
+.PHONY: install run test test-fast lint bench soak clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+## Start one worker on the embedded SQLite store (var/smtp-worker.db), consuming every queue.
+run: install
+	$(BIN)/smtp-worker run
+
+## Lint, type-check, and run every test (faults included) against real services.
+test: install lint
+	$(BIN)/pytest --cov --cov-report=term:skip-covered
+
+## The tests without the fault-injection suite.
+test-fast: install
+	$(BIN)/pytest -m "not faults"
+
+lint: install
+	$(BIN)/ruff check worker schemas tests benchmarks
+	$(BIN)/ruff format --check worker schemas tests benchmarks
+	$(BIN)/mypy
+
+## Throughput against a bare aio-pika RPC echo on the same broker (prints figures).
+bench: install
+	$(BIN)/python -m benchmarks.throughput
+
+## 50,000 mixed commands through two workers (not in CI).
+soak: install
+	$(BIN)/python -m benchmarks.soak
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .coverage

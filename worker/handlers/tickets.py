@@ -1,0 +1,323 @@
+"""Ticket and hit commands (contract section 7): the status machine, dedup, quotas, email jobs.
+
+    unacknowledged <--ack/unack--> acknowledged
+           \\                          /
+            `------- close -------> closed  (final: refuses hits, acks and unacks)
+
+Every email a command causes is counted against its SMTP user's limits, once per recipient,
+in the same transaction that stores the ticket or hit and its email job; the check and the count
+are one conditional UPDATE, so concurrent workers can never pass a limit together.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import and_, case, insert, select, update
+from sqlalchemy.engine import Row
+
+from schemas import tickets as t
+from worker.errors import Conflict, NotFound, QuotaExceeded
+from worker.handlers.base import Context, command
+from worker.handlers.settings import own_channel
+from worker.security import new_id
+from worker.store.tables import email_settings, emails, hits, smtp_users, tickets
+
+# --- shared steps -------------------------------------------------------------------------------
+
+
+def ticket_out(row: Any) -> t.Ticket:
+    return t.Ticket(
+        sid=row.sid,
+        channel=row.channel,
+        title=row.title,
+        body=row.body,
+        severity=row.severity,
+        dedup_key=row.dedup_key,
+        status=row.status,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        closed_at=row.closed_at,
+        comment=row.comment,
+        hit_count=row.hit_count,
+        last_hit_at=row.last_hit_at,
+        created_by=row.created_by,
+        delivery=t.Delivery(
+            status=row.delivery_status,
+            attempts=row.delivery_attempts,
+            last_error=row.delivery_last_error,
+        ),
+    )
+
+
+async def _own_tickets(ctx: Context, sids: list[str]) -> dict[str, Row[Any]]:
+    """The owner's tickets among `sids`; NotFound naming every one that is missing."""
+    wanted = list(dict.fromkeys(sids))
+    rows = await ctx.conn.execute(
+        select(tickets).where(tickets.c.owner_id == ctx.owner_id, tickets.c.sid.in_(wanted))
+    )
+    found = {row.sid: row for row in rows}
+    missing = [sid for sid in wanted if sid not in found]
+    if missing:
+        raise NotFound("ticket", missing)
+    return found
+
+
+async def _consume_quota(ctx: Context, count: int) -> None:
+    """Counts `count` emails against the sender's limits, or refuses with QuotaExceeded."""
+    name = ctx.principal.user
+    hour = int(ctx.now.timestamp()) // 3600
+    sent_this_hour = case((smtp_users.c.sent_hour == hour, smtp_users.c.hourly_sent), else_=0)
+    result = await ctx.conn.execute(
+        update(smtp_users)
+        .where(
+            smtp_users.c.name == name,
+            smtp_users.c.total_sent + count <= smtp_users.c.total_limit,
+            sent_this_hour + count <= smtp_users.c.hourly_limit,
+        )
+        .values(
+            total_sent=smtp_users.c.total_sent + count,
+            hourly_sent=sent_this_hour + count,
+            sent_hour=hour,
+        )
+    )
+    if result.rowcount == 1:
+        return
+    user = (await ctx.conn.execute(select(smtp_users).where(smtp_users.c.name == name))).one()
+    if user.total_sent + count > user.total_limit:
+        details = {
+            "limit": "total",
+            "max": user.total_limit,
+            "used": user.total_sent,
+            "resets_at": None,
+        }
+    else:
+        used = user.hourly_sent if user.sent_hour == hour else 0
+        resets_at = datetime.fromtimestamp((hour + 1) * 3600, UTC)
+        details = {
+            "limit": "hourly",
+            "max": user.hourly_limit,
+            "used": used,
+            "resets_at": resets_at.isoformat().replace("+00:00", "Z"),
+        }
+    raise QuotaExceeded(
+        f"sending {count} emails would pass the {details['limit']} limit of {details['max']}",
+        details,
+    )
+
+
+async def _queue_email(
+    ctx: Context, sid: str, seq: int | None, domain: str, recipients: list[str]
+) -> None:
+    """Counts the email against the quota and stores its job; published after commit."""
+    await _consume_quota(ctx, len(recipients))
+    email_id = new_id()
+    await ctx.conn.execute(
+        insert(emails).values(
+            id=email_id,
+            owner_id=ctx.owner_id,
+            sid=sid,
+            seq=seq,
+            domain=domain,
+            recipients=recipients,
+            status="pending",
+            attempts=0,
+            created_at=ctx.now,
+            updated_at=ctx.now,
+        )
+    )
+    await ctx.conn.execute(
+        update(tickets)
+        .where(tickets.c.sid == sid)
+        .values(delivery_status="pending", delivery_attempts=0, delivery_last_error=None)
+    )
+    ctx.deliver(email_id)
+
+
+async def _channel_with_settings(ctx: Context, name: str) -> Row[Any]:
+    channel = await own_channel(ctx, name)
+    configured = await ctx.conn.scalar(
+        select(email_settings.c.id).where(
+            email_settings.c.domain == channel.domain, email_settings.c.owner_id == ctx.owner_id
+        )
+    )
+    if configured is None:
+        raise NotFound("email settings", [channel.domain])
+    return channel
+
+
+async def _append_hit(ctx: Context, ticket: Row[Any], summary: str, body: str | None) -> int:
+    """Appends a hit to an open ticket, and emails it unless the ticket is acknowledged."""
+    seq = await ctx.conn.scalar(
+        update(tickets)
+        .where(tickets.c.sid == ticket.sid)
+        .values(hit_count=tickets.c.hit_count + 1, last_hit_at=ctx.now, updated_at=ctx.now)
+        .returning(tickets.c.hit_count)
+    )
+    assert seq is not None
+    await ctx.conn.execute(
+        insert(hits).values(sid=ticket.sid, seq=seq, summary=summary, body=body, created_at=ctx.now)
+    )
+    if ticket.status != "acknowledged":
+        channel = await _channel_with_settings(ctx, ticket.channel)
+        await _queue_email(ctx, ticket.sid, seq, channel.domain, channel.recipients)
+    ctx.emit("hit.created", {"sid": ticket.sid, "seq": seq, "summary": summary})
+    return int(seq)
+
+
+# --- tickets ------------------------------------------------------------------------------------
+
+
+@command("ticket.new", "user")
+async def new_ticket(ctx: Context, data: t.TicketNew) -> t.TicketCreated:
+    channel = await _channel_with_settings(ctx, data.channel)
+    new = data.ticket
+    if new.dedup_key is not None:
+        open_ticket = (
+            await ctx.conn.execute(
+                select(tickets).where(
+                    tickets.c.owner_id == ctx.owner_id,
+                    tickets.c.channel == data.channel,
+                    tickets.c.dedup_key == new.dedup_key,
+                    tickets.c.status != "closed",
+                )
+            )
+        ).first()
+        if open_ticket is not None:
+            await _append_hit(ctx, open_ticket, new.title, new.body)
+            return t.TicketCreated(sid=open_ticket.sid, created=False)
+    sid = new_id()
+    values = {
+        "sid": sid,
+        "owner_id": ctx.owner_id,
+        "channel": data.channel,
+        "title": new.title,
+        "body": new.body,
+        "severity": new.severity,
+        "dedup_key": new.dedup_key,
+        "status": "unacknowledged",
+        "created_at": ctx.now,
+        "updated_at": ctx.now,
+        "closed_at": None,
+        "comment": None,
+        "hit_count": 0,
+        "last_hit_at": None,
+        "created_by": ctx.principal.user,
+        "delivery_status": "pending",
+        "delivery_attempts": 0,
+        "delivery_last_error": None,
+    }
+    # The unique index on open dedup keys turns a concurrent twin into a retry that folds.
+    await ctx.conn.execute(insert(tickets).values(**values))
+    await _queue_email(ctx, sid, None, channel.domain, channel.recipients)
+    ctx.emit(
+        "ticket.created",
+        {"sid": sid, "channel": data.channel, "title": new.title, "severity": new.severity},
+    )
+    return t.TicketCreated(sid=sid, created=True)
+
+
+@command("ticket.get", "user")
+async def get_ticket(ctx: Context, data: t.TicketRef) -> t.TicketOne:
+    found = await _own_tickets(ctx, [data.sid])
+    return t.TicketOne(ticket=ticket_out(found[data.sid]))
+
+
+@command("ticket.get_many", "user")
+async def get_tickets(ctx: Context, data: t.TicketRefs) -> t.TicketMany:
+    found = await _own_tickets(ctx, data.sids)
+    return t.TicketMany(tickets=[ticket_out(found[sid]) for sid in data.sids])
+
+
+async def _close(ctx: Context, sids: list[str], comment: str | None) -> t.Done:
+    found = await _own_tickets(ctx, sids)
+    closing = [sid for sid, row in found.items() if row.status != "closed"]
+    if closing:
+        await ctx.conn.execute(
+            update(tickets)
+            .where(tickets.c.sid.in_(closing))
+            .values(status="closed", closed_at=ctx.now, updated_at=ctx.now, comment=comment)
+        )
+    for sid in closing:
+        ctx.emit("ticket.closed", {"sid": sid, "comment": comment})
+    return t.Done()
+
+
+async def _set_ack(ctx: Context, sids: list[str], status: str, event: str) -> t.Done:
+    found = await _own_tickets(ctx, sids)
+    closed = [sid for sid, row in found.items() if row.status == "closed"]
+    if closed:
+        raise Conflict("closed tickets cannot change status", {"closed": closed})
+    changing = [sid for sid, row in found.items() if row.status != status]
+    if changing:
+        await ctx.conn.execute(
+            update(tickets)
+            .where(and_(tickets.c.sid.in_(changing), tickets.c.status != "closed"))
+            .values(status=status, updated_at=ctx.now)
+        )
+    for sid in changing:
+        ctx.emit(event, {"sid": sid})
+    return t.Done()
+
+
+@command("ticket.close", "user")
+async def close_ticket(ctx: Context, data: t.TicketClose) -> t.Done:
+    return await _close(ctx, [data.sid], data.comment)
+
+
+@command("ticket.close_many", "user")
+async def close_tickets(ctx: Context, data: t.TicketCloseMany) -> t.Done:
+    return await _close(ctx, data.sids, data.comment)
+
+
+@command("ticket.ack", "user")
+async def ack_ticket(ctx: Context, data: t.TicketRef) -> t.Done:
+    return await _set_ack(ctx, [data.sid], "acknowledged", "ticket.acked")
+
+
+@command("ticket.ack_many", "user")
+async def ack_tickets(ctx: Context, data: t.TicketRefs) -> t.Done:
+    return await _set_ack(ctx, data.sids, "acknowledged", "ticket.acked")
+
+
+@command("ticket.unack", "user")
+async def unack_ticket(ctx: Context, data: t.TicketRef) -> t.Done:
+    return await _set_ack(ctx, [data.sid], "unacknowledged", "ticket.unacked")
+
+
+@command("ticket.unack_many", "user")
+async def unack_tickets(ctx: Context, data: t.TicketRefs) -> t.Done:
+    return await _set_ack(ctx, data.sids, "unacknowledged", "ticket.unacked")
+
+
+# --- hits ---------------------------------------------------------------------------------------
+
+
+@command("hit.new", "user")
+async def new_hit(ctx: Context, data: t.HitNew) -> t.HitCreated:
+    ticket = (await _own_tickets(ctx, [data.sid]))[data.sid]
+    if ticket.status == "closed":
+        raise Conflict("the ticket is closed")
+    seq = await _append_hit(ctx, ticket, data.hit.summary, data.hit.body)
+    return t.HitCreated(seq=seq)
+
+
+@command("hit.list", "user")
+async def list_hits(ctx: Context, data: t.HitList) -> t.HitPage:
+    await _own_tickets(ctx, [data.sid])
+    rows = list(
+        await ctx.conn.execute(
+            select(hits)
+            .where(hits.c.sid == data.sid, hits.c.seq > data.after_seq)
+            .order_by(hits.c.seq)
+            .limit(data.limit + 1)
+        )
+    )
+    page = rows[: data.limit]
+    return t.HitPage(
+        hits=[
+            t.Hit(seq=r.seq, summary=r.summary, body=r.body, created_at=r.created_at) for r in page
+        ],
+        next_after_seq=page[-1].seq if len(rows) > data.limit else None,
+    )
