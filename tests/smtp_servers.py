@@ -1,0 +1,410 @@
+"""Real SMTP servers for the tests: aiosmtpd on 127.0.0.1, on free ports, in their own thread.
+
+    async with SmtpServer(tls="starttls", auth=("relay-user", "s3cret")) as srv:
+        ... send to srv.host, srv.port ...
+        received = await srv.wait_for(1)
+        assert received[0].message["Subject"] == "..."
+
+`script` makes the server misbehave, command by command. It maps an SMTP command ("MAIL",
+"RCPT", "DATA", "AUTH") to the answers for its successive uses, across all connections; once a
+command's answers run out, the server answers normally. An answer is a reply line, `None`
+(answer normally), `DROP` (close the connection without answering) or a callable taking the
+command's argument and returning one of those. "DATA" scripts the final reply, after the content.
+
+    script={"DATA": ["451 4.3.0 try again later"] * 2}    # the first two emails, then accept
+    script={"DATA": itertools.repeat("550 5.7.1 rejected")}  # always
+    script={"DATA": [DROP]}                                # hang up on the first email's DATA
+    script={"MAIL": [None, DROP]}                          # the second MAIL of the run
+    script={"RCPT": [None, "550 5.1.1 no such user"]}      # the second recipient of the run
+
+The server runs in aiosmtpd's Controller, an event loop in a thread of its own, so a test's loop
+never serves it; every counter is shared between the two threads under a lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime
+import ipaddress
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from pathlib import Path
+from typing import Any, Final, Literal, Self
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+__all__ = [
+    "DROP",
+    "Answer",
+    "Received",
+    "SmtpServer",
+    "Tls",
+    "closed_port",
+    "plain_auth_password",
+    "server_tls_context",
+    "silent_port",
+]
+
+DROP: Final = "DROP"
+"""A scripted answer: close the connection instead of replying."""
+
+Answer = str | None | Callable[[str], "str | None"]
+Tls = Literal["none", "starttls", "implicit"]
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One email the server accepted: the envelope and the message parsed from its bytes."""
+
+    sender: str
+    recipients: list[str]
+    message: EmailMessage
+    raw: bytes
+
+
+def server_tls_context(directory: Path | None = None) -> ssl.SSLContext:
+    """A server context with a fresh self-signed certificate for 127.0.0.1 and localhost.
+
+    The certificate and key are written to `directory` (a temporary one when None); no client
+    trusts them, which is the point of the "rejectUnauthorized" tests.
+    """
+    if directory is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return server_tls_context(Path(tmp))
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
+                ]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path = directory / "cert.pem"
+    key_path = directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_path, key_path)
+    return context
+
+
+def closed_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on, for "connection refused"."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@contextlib.contextmanager
+def silent_port(host: str = "127.0.0.1") -> Iterator[int]:
+    """A port that accepts TCP connections (the kernel does) and never says a word: timeouts."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        sock.listen(64)
+        yield sock.getsockname()[1]
+
+
+def plain_auth_password(argument: str) -> str:
+    """The password inside the argument of `AUTH PLAIN <base64>`, for scripts that echo it."""
+    _, _, password = base64.b64decode(argument.rsplit(maxsplit=1)[-1]).split(b"\0")
+    return password.decode()
+
+
+class SmtpServer:
+    """A real SMTP server on 127.0.0.1 that records what it receives.
+
+    `tls`: "none", "starttls" (offered, with AUTH only after it, as real relays do) or
+    "implicit" (TLS from the first byte). `auth`: a (user, password) the server requires, with
+    one of `auth_mechanisms`, before MAIL. `script`: see the module docstring.
+    """
+
+    def __init__(
+        self,
+        *,
+        tls: Tls = "none",
+        auth: tuple[str, str] | None = None,
+        auth_mechanisms: Iterable[str] = ("LOGIN", "PLAIN"),
+        script: Mapping[str, Iterable[Answer]] | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.host = host
+        self.tls: Tls = tls
+        self.auth = auth
+        self.messages: list[Received] = []
+        self._script = {
+            command.upper(): iter(answers) for command, answers in (script or {}).items()
+        }
+        self._lock = threading.Lock()
+        self._connections = 0
+        self._open: set[_RecordingSMTP] = set()
+        tls_context = server_tls_context() if tls != "none" else None
+        self._controller = _Controller(
+            self,
+            hostname=host,
+            port=0,
+            ssl_context=tls_context if tls == "implicit" else None,
+            tls_context=tls_context if tls == "starttls" else None,
+            # With implicit TLS aiosmtpd does not know the socket is encrypted, and it would
+            # refuse AUTH; with no TLS at all the plain tests must still log in.
+            auth_require_tls=tls == "starttls",
+            authenticator=self._authenticate,
+            auth_exclude_mechanism={"LOGIN", "PLAIN"} - set(auth_mechanisms),
+            server_hostname="smtp.test",
+            ready_timeout=5.0,
+        )
+        self._started = False
+
+    @property
+    def port(self) -> int:
+        return self._controller.port
+
+    @property
+    def connections(self) -> int:
+        """TCP connections accepted so far."""
+        with self._lock:
+            return self._connections
+
+    @property
+    def open_connections(self) -> int:
+        """Connections currently open."""
+        with self._lock:
+            return len(self._open)
+
+    def start(self) -> Self:
+        self._controller.start()
+        with self._lock:
+            # Controller.start() connects once itself to check the server is up; not ours.
+            self._connections = 0
+        self._started = True
+        return self
+
+    def stop(self) -> None:
+        """Close every client connection, then the server and its thread."""
+        if not self._started:
+            return
+        self._started = False
+        self.drop_connections()
+        deadline = time.monotonic() + 2.0
+        while self.open_connections and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._controller.stop()
+
+    async def __aenter__(self) -> Self:
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await asyncio.to_thread(self.stop)
+
+    def drop_connections(self) -> None:
+        """Hang up on every client, as a relay does to connections idle too long."""
+        with self._lock:
+            sessions = list(self._open)
+        for session in sessions:
+            self._controller.loop.call_soon_threadsafe(session.hang_up)
+
+    async def wait_for(self, count: int, timeout: float = 5.0) -> list[Received]:
+        """The received emails, once there are at least `count` of them."""
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self.messages)} emails arrived, expected {count}")
+            await asyncio.sleep(0.01)
+        return list(self.messages)
+
+    async def wait_closed(self, timeout: float = 5.0) -> None:
+        """Wait until no client connection is open."""
+        deadline = time.monotonic() + timeout
+        while self.open_connections:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.open_connections} connections still open")
+            await asyncio.sleep(0.01)
+
+    # Called from the server's thread.
+
+    def _accepted(self) -> None:
+        with self._lock:
+            self._connections += 1
+
+    def _opened(self, session: _RecordingSMTP) -> None:
+        with self._lock:
+            self._open.add(session)
+
+    def _closed(self, session: _RecordingSMTP) -> None:
+        with self._lock:
+            self._open.discard(session)
+
+    def _next_answer(self, command: str, argument: str) -> str | None:
+        with self._lock:
+            answers = self._script.get(command)
+            answer = next(answers, None) if answers is not None else None
+        return answer(argument) if callable(answer) else answer
+
+    def _authenticate(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        mechanism: str,
+        auth_data: Any,
+    ) -> AuthResult:
+        expected = (
+            LoginPassword(self.auth[0].encode(), self.auth[1].encode()) if self.auth else None
+        )
+        return AuthResult(success=auth_data == expected, handled=False)
+
+    def _record(self, envelope: Envelope) -> None:
+        raw = envelope.original_content or b""
+        message = BytesParser(policy=policy.default).parsebytes(raw)
+        assert isinstance(message, EmailMessage)
+        received = Received(
+            sender=envelope.mail_from or "",
+            recipients=list(envelope.rcpt_tos),
+            message=message,
+            raw=raw,
+        )
+        with self._lock:
+            self.messages.append(received)
+
+
+class _Handler:
+    """aiosmtpd hooks: the script, the AUTH requirement, and recording."""
+
+    def __init__(self, owner: SmtpServer) -> None:
+        self.owner = owner
+
+    async def handle_AUTH(
+        self, server: SMTP, session: Session, envelope: Envelope, args: list[str]
+    ) -> Any:
+        answer = self.owner._next_answer("AUTH", " ".join(args))
+        if answer is None:
+            return MISSING  # aiosmtpd's own AUTH handling
+        return await _answer(server, answer)
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        if self.owner.auth is not None and not session.authenticated:
+            return "530 5.7.0 Authentication required"
+        answer = self.owner._next_answer("MAIL", address)
+        if answer is not None:
+            return await _answer(server, answer)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        answer = self.owner._next_answer("RCPT", address)
+        if answer is not None:
+            return await _answer(server, answer)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        answer = self.owner._next_answer("DATA", "")
+        if answer is not None:
+            return await _answer(server, answer)
+        self.owner._record(envelope)
+        return "250 OK"
+
+
+async def _answer(server: SMTP, answer: str) -> str:
+    if answer != DROP:
+        return answer
+    assert server.transport is not None
+    server.transport.close()
+    # Never reply: closing the transport cancels this session's task (connection_lost).
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable")
+
+
+class _RecordingSMTP(SMTP):
+    """aiosmtpd's server session, telling its SmtpServer when a connection opens and closes."""
+
+    def __init__(self, handler: _Handler, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.owner = handler.owner
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Called again, on the same session, with the TLS transport after STARTTLS.
+        fresh = self._original_transport is None
+        super().connection_made(transport)
+        if fresh:
+            self.owner._opened(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.owner._closed(self)
+        super().connection_lost(error)
+
+    def hang_up(self) -> None:
+        if self.transport is None:
+            return
+        self.transport.close()
+        if self._original_transport is not None and self.session and self.session.ssl is None:
+            # Closed amid a STARTTLS handshake: asyncio never tells the protocol this connection
+            # is lost (it was not connected to the TLS layer yet), so count it closed here.
+            self.owner._closed(self)
+
+
+class _Controller(Controller):
+    def __init__(self, owner: SmtpServer, **kwargs: Any) -> None:
+        super().__init__(_Handler(owner), **kwargs)
+
+    def factory(self) -> SMTP:
+        # One session per accepted TCP connection, before any TLS handshake.
+        self.handler.owner._accepted()
+        return _RecordingSMTP(self.handler, **self.SMTP_kwargs)
+
+    def _trigger_server(self) -> None:
+        # Bound to port 0: learn the real port before Controller connects to it.
+        assert isinstance(self.server, asyncio.Server)
+        self.port = self.server.sockets[0].getsockname()[1]
+        super()._trigger_server()  # type: ignore[no-untyped-call]

@@ -1,0 +1,29 @@
+"""Email: composing the contract's messages and sending them through SMTP relays.
+
+`compose` builds the ticket and hit emails (pure functions); `relay` probes a relay's settings
+and keeps a pool of reused connections per relay, translating SMTP failures into
+`SmtpTransientError` / `SmtpPermanentError`.
+"""
+
+from worker.mail.compose import (
+    has_line_break,
+    hit_email,
+    hit_message_id,
+    ticket_email,
+    ticket_message_id,
+)
+from worker.mail.relay import ProbeResult, Relay, SmtpPool, Stage, StartTLS, probe
+
+__all__ = [
+    "ProbeResult",
+    "Relay",
+    "SmtpPool",
+    "Stage",
+    "StartTLS",
+    "has_line_break",
+    "hit_email",
+    "hit_message_id",
+    "probe",
+    "ticket_email",
+    "ticket_message_id",
+]
