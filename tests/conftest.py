@@ -345,7 +345,7 @@ class Env:
     workers: list[Worker] = field(default_factory=list)
 
     async def start_worker(self, **overrides: Any) -> Worker:
-        queues = overrides.pop("queues", ("tickets", "hits", "settings"))
+        queues = overrides.pop("queues", ("tickets", "hits", "settings", "deliveries"))
         settings = self.settings.model_copy(update=overrides) if overrides else self.settings
         worker = Worker(settings, queues)
         await worker.start()

@@ -157,6 +157,8 @@ emails = Table(
     Column("status", String(16), nullable=False),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("last_error", Text),
+    # While one worker sends, others leave the email alone until the lease runs out.
+    Column("lease_until", UtcDateTime),
     Column("created_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
 )
