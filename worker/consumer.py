@@ -11,6 +11,7 @@
 | passing fault, unexpected error            | none           | reject with requeue       |
 | ... on its last delivery attempt           | GeneralError   | reject, no requeue: P.dead|
 | the reply or an event cannot be published  | none           | left unacked: redelivered |
+| a bug in this module (it must not happen)  | none           | reject with requeue       |
 """
 
 from __future__ import annotations
@@ -171,12 +172,17 @@ class CommandConsumer:
 
     @staticmethod
     def _guess_type(body: bytes) -> str | None:
+        """The `type` of an unreadable body, as its reply can carry it back."""
         try:
             value = json.loads(body)
         except (ValueError, RecursionError):
             return None
         type_ = value.get("type") if isinstance(value, dict) else None
-        return type_[:_MAX_SHORTSTR] if isinstance(type_, str) else None
+        if not isinstance(type_, str):
+            return None
+        # The reply's `type` property is an AMQP short string, at most 255 bytes of UTF-8, and
+        # JSON escapes may hold lone surrogates, which neither UTF-8 nor the reply's JSON encode.
+        return type_.encode(errors="ignore")[:_MAX_SHORTSTR].decode(errors="ignore")
 
     # --- the message's fate ---------------------------------------------------------------------
 
@@ -192,6 +198,12 @@ class CommandConsumer:
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
+        except Exception:
+            # A bug of the consumer's own. Left unsettled, the message would hold a prefetch slot
+            # until the channel closes; requeued, it meets the delivery limit and lands in P.dead.
+            log.exception("command.crashed")
+            outcome = "crashed"
+            await self._settle(message.reject(requeue=True))
         finally:
             log.info(
                 "command.processed",
@@ -216,11 +228,10 @@ class CommandConsumer:
             except _InvalidData as exc:
                 invalid, type_ = exc, exc.type
         except UnreadableMessage as exc:
-            structlog.contextvars.bind_contextvars(type=self._guess_type(message.body))
-            reply = error_reply(
-                self._guess_type(message.body), meta.message_id, exc.name, exc.message, exc.details
-            )
-            await self._reply_quietly(meta, reply, self._guess_type(message.body), "error")
+            type_ = self._guess_type(message.body)
+            structlog.contextvars.bind_contextvars(type=type_)
+            reply = error_reply(type_, meta.message_id, exc.name, exc.message, exc.details)
+            await self._reply_quietly(meta, reply, type_, "error")
             await self._settle(message.reject(requeue=False))
             return "unreadable"
 
@@ -342,6 +353,7 @@ class CommandConsumer:
                 if spec.finish is None:
                     reply = success_reply(spec.type, meta.message_id, data)
                     await self._record(conn, principal, meta, spec.type, reply, ctx.effects, now)
+                    await ctx.finish()
                     return Result(reply, ctx.effects, "success")
             # Slow I/O after the transaction; its reply is recorded in a second one.
             data = await spec.finish(data)

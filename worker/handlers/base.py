@@ -68,6 +68,9 @@ class Context:
     keyring: Keyring
     settings: Settings
     effects: list[Effect] = field(default_factory=list)
+    # Steps that take a contended row lock (a user's quota counters) run last, right before
+    # COMMIT, so concurrent commands of one user hold that lock as briefly as possible.
+    last: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     @property
     def owner_id(self) -> str:
@@ -80,6 +83,13 @@ class Context:
 
     def deliver(self, email_id: str) -> None:
         self.effects.append(Effect("delivery", "", to_json({"email_id": email_id})))
+
+    def run_last(self, step: Callable[[], Awaitable[None]]) -> None:
+        self.last.append(step)
+
+    async def finish(self) -> None:
+        for step in self.last:
+            await step()
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -114,17 +124,26 @@ def command(
     return register
 
 
+# An owner's token never changes (there is no command to rotate it), so its hash is read once.
+# SMTP user passwords are not cached: a reset must stop the old password at once, everywhere.
+_OWNER_TOKEN_HASHES: dict[str, str] = {}
+
+
 async def authenticate(
     conn: AsyncConnection, keyring: Keyring, kind: AuthKind, auth: OwnerAuth | UserAuth
 ) -> Principal:
     """The principal behind `auth`, or AuthenticationError with one message for every cause."""
     if kind == "owner":
         assert isinstance(auth, OwnerAuth)
-        row = (
-            await conn.execute(select(owners.c.token_hash).where(owners.c.id == auth.owner_id))
-        ).first()
+        token_hash = _OWNER_TOKEN_HASHES.get(auth.owner_id)
+        if token_hash is None:
+            token_hash = await conn.scalar(
+                select(owners.c.token_hash).where(owners.c.id == auth.owner_id)
+            )
+            if token_hash is not None:
+                _OWNER_TOKEN_HASHES[auth.owner_id] = token_hash
         # Hash even when the owner is missing, so both cases cost the same.
-        if not keyring.verify(auth.token, row.token_hash if row else "") or row is None:
+        if not keyring.verify(auth.token, token_hash or "") or token_hash is None:
             raise AuthenticationError()
         return Principal(auth.owner_id)
     assert isinstance(auth, UserAuth)

@@ -20,9 +20,8 @@ from sqlalchemy.engine import Row
 from schemas import tickets as t
 from worker.errors import Conflict, NotFound, QuotaExceeded
 from worker.handlers.base import Context, command
-from worker.handlers.settings import own_channel
 from worker.security import new_id
-from worker.store.tables import email_settings, emails, hits, smtp_users, tickets
+from worker.store.tables import channels, email_settings, emails, hits, smtp_users, tickets
 
 # --- shared steps -------------------------------------------------------------------------------
 
@@ -110,8 +109,12 @@ async def _consume_quota(ctx: Context, count: int) -> None:
 async def _queue_email(
     ctx: Context, sid: str, seq: int | None, domain: str, recipients: list[str]
 ) -> None:
-    """Counts the email against the quota and stores its job; published after commit."""
-    await _consume_quota(ctx, len(recipients))
+    """Stores the email's job (published after commit) and counts it against the quota."""
+
+    async def count() -> None:
+        await _consume_quota(ctx, len(recipients))
+
+    ctx.run_last(count)
     email_id = new_id()
     await ctx.conn.execute(
         insert(emails).values(
@@ -127,22 +130,33 @@ async def _queue_email(
             updated_at=ctx.now,
         )
     )
-    await ctx.conn.execute(
-        update(tickets)
-        .where(tickets.c.sid == sid)
-        .values(delivery_status="pending", delivery_attempts=0, delivery_last_error=None)
-    )
+    if seq is not None:
+        await ctx.conn.execute(
+            update(tickets)
+            .where(tickets.c.sid == sid)
+            .values(delivery_status="pending", delivery_attempts=0, delivery_last_error=None)
+        )
     ctx.deliver(email_id)
 
 
 async def _channel_with_settings(ctx: Context, name: str) -> Row[Any]:
-    channel = await own_channel(ctx, name)
-    configured = await ctx.conn.scalar(
-        select(email_settings.c.id).where(
-            email_settings.c.domain == channel.domain, email_settings.c.owner_id == ctx.owner_id
+    """The owner's channel, whose domain must still have the owner's email settings."""
+    channel = (
+        await ctx.conn.execute(
+            select(channels, email_settings.c.id.label("settings_id"))
+            .outerjoin(
+                email_settings,
+                and_(
+                    email_settings.c.domain == channels.c.domain,
+                    email_settings.c.owner_id == channels.c.owner_id,
+                ),
+            )
+            .where(channels.c.owner_id == ctx.owner_id, channels.c.name == name)
         )
-    )
-    if configured is None:
+    ).first()
+    if channel is None:
+        raise NotFound("channel", [name])
+    if channel.settings_id is None:
         raise NotFound("email settings", [channel.domain])
     return channel
 

@@ -22,14 +22,15 @@ class Processed:
 async def find(
     conn: AsyncConnection, owner_id: str, message_id: str, now: datetime
 ) -> Processed | None:
+    where = (pc.c.owner_id == owner_id, pc.c.message_id == message_id)
     row = (
-        await conn.execute(
-            select(pc.c.reply, pc.c.effects).where(
-                pc.c.owner_id == owner_id, pc.c.message_id == message_id, pc.c.expires_at > now
-            )
-        )
+        await conn.execute(select(pc.c.reply, pc.c.effects, pc.c.expires_at).where(*where))
     ).first()
     if row is None:
+        return None
+    if row.expires_at <= now:
+        # Forgotten: clear the way for this command's own record (the sweeper may be late).
+        await conn.execute(delete(pc).where(*where))
         return None
     return Processed(row.reply.encode(), [Effect.load(e) for e in json.loads(row.effects)])
 
@@ -45,12 +46,6 @@ async def record(
     now: datetime,
     ttl: float,
 ) -> None:
-    # An expired record of the same key may still be there until the sweeper runs.
-    await conn.execute(
-        delete(pc).where(
-            pc.c.owner_id == owner_id, pc.c.message_id == message_id, pc.c.expires_at <= now
-        )
-    )
     await conn.execute(
         insert(pc).values(
             owner_id=owner_id,
