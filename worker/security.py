@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import time
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
@@ -66,16 +67,20 @@ def load_or_create_secret_key(path: str | Path) -> str:
     `O_EXCL` makes the creation atomic, so workers starting together agree on one key.
     """
     path = Path(path)
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = new_token()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as handle:
-        handle.write(key + "\n")
-    return key
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = new_token()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another worker won the race: read its key below
+        else:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(key + "\n")
+            return key
+    # The winner may not have written its key yet.
+    for _ in range(50):
+        if key := path.read_text().strip():
+            return key
+        time.sleep(0.02)
+    raise RuntimeError(f"{path} is empty")
