@@ -18,6 +18,7 @@ from worker import logs
 from worker.app import ALL_QUEUES, Worker, keyring_for
 from worker.broker import Names
 from worker.config import Settings
+from worker.dead import DeadLetterError, list_dead, replay_dead
 from worker.security import new_id, new_token
 from worker.store import Store, migrate
 from worker.store.tables import owners
@@ -102,11 +103,40 @@ async def _call(settings: Settings, type_: str, auth: Any, data: Any, timeout: f
     return 0 if parsed.get("status") == "success" else 1
 
 
+async def _dead(settings: Settings, action: str, limit: int | None) -> int:
+    names = Names(settings.prefix)
+    try:
+        if action == "list":
+            await list_dead(settings.amqp_url, names, _print_line, limit)
+            return 0
+        summary = await replay_dead(settings.amqp_url, names, limit)
+    except (DeadLetterError, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
+        print(json.dumps({"error": str(exc) or type(exc).__name__}), file=sys.stderr)
+        return 1
+    print(json.dumps(summary.as_dict()))
+    # Not everything asked for could be replayed: say so to scripts too.
+    return 1 if summary.skipped else 0
+
+
+def _print_line(value: Any) -> None:
+    print(json.dumps(value), flush=True)
+
+
 def _json_arg(text: str) -> Any:
     try:
         return json.loads(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an integer: {text}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,6 +159,17 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--data", type=_json_arg, required=True)
     call.add_argument("--timeout", type=float, default=30.0)
     sub.add_parser("migrate", help="bring the store's schema up to date")
+    dead = sub.add_parser("dead", help="what sits in P.dead").add_subparsers(
+        dest="action", required=True
+    )
+    dead_list = dead.add_parser(
+        "list", help="print one JSON line per message in P.dead, leaving them there"
+    )
+    dead_list.add_argument("--limit", type=_positive_int, default=None)
+    replay = dead.add_parser(
+        "replay", help="republish messages of P.dead to where they came from, head first"
+    )
+    replay.add_argument("--limit", type=_positive_int, default=None)
     return parser
 
 
@@ -146,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
         code = asyncio.run(_migrate(settings))
     elif args.command == "owner":
         code = asyncio.run(_owner_create(settings, args.name))
+    elif args.command == "dead":
+        code = asyncio.run(_dead(settings, args.action, args.limit))
     else:
         code = asyncio.run(_call(settings, args.type, args.auth, args.data, args.timeout))
     sys.exit(code)

@@ -1,0 +1,276 @@
+"""`smtp-worker dead list` and `smtp-worker dead replay`, run as the operator runs them.
+
+Every test dead-letters messages through the real worker and broker, then runs the command in a
+subprocess against the test's prefix and reads its output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import sys
+import uuid
+from typing import Any
+
+import aio_pika
+import pytest
+
+from tests.conftest import Env, remember_secrets, unique_domain
+from tests.payloads import email_settings
+from worker.handlers.base import REGISTRY, Context
+
+# P.dead is the broker's business: one store is enough.
+pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+Message = aio_pika.abc.AbstractIncomingMessage
+
+
+async def smtp_worker(env: Env, *args: str, prefix: str | None = None) -> tuple[int, str, str]:
+    """Runs `smtp-worker ARGS` on the test's broker and prefix: exit code, stdout, stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        *args,
+        env={
+            **os.environ,
+            "SMTP_WORKER_AMQP_URL": env.amqp_url,
+            "SMTP_WORKER_PREFIX": prefix or env.settings.prefix,
+            "SMTP_WORKER_LOG_LEVEL": "WARNING",
+        },
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def dead_list(env: Env, *args: str) -> list[dict[str, Any]]:
+    code, out, err = await smtp_worker(env, "dead", "list", *args)
+    assert 0 == code, err
+    return [json.loads(line) for line in out.splitlines()]
+
+
+async def dead_replay(env: Env, *args: str) -> tuple[int, dict[str, Any]]:
+    code, out, err = await smtp_worker(env, "dead", "replay", *args)
+    assert out, err
+    summary: dict[str, Any] = json.loads(out)
+    return code, summary
+
+
+async def depth(env: Env, queue: str) -> int:
+    channel = await env.client.connection.channel()
+    try:
+        declared = await channel.declare_queue(queue, passive=True)
+        assert declared.declaration_result is not None
+        return int(declared.declaration_result.message_count or 0)
+    finally:
+        await channel.close()
+
+
+async def wait_depth(env: Env, queue: str, expected: int, timeout: float = 10) -> int:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (found := await depth(env, queue)) != expected:
+        if asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.02)
+    return found
+
+
+async def dead_letter_unreadable(env: Env, count: int, routing_key: str = "ticket.new") -> None:
+    """Publishes `count` unreadable commands, waits for their replies and for them in P.dead."""
+    already = await depth(env, env.client.names.dead)
+    for i in range(count):
+        await env.client.call_raw(f"not json {i}".encode(), routing_key, message_id=f"bad-{i}")
+    assert already + count == await wait_depth(env, env.client.names.dead, already + count)
+
+
+async def stop_worker(env: Env) -> None:
+    """Stops the test's worker, so that replayed messages wait in their queues to be seen."""
+    await env.workers.pop().stop()
+
+
+async def take(env: Env, queue: str) -> list[Message]:
+    channel = await env.client.connection.channel()
+    try:
+        source = await channel.get_queue(queue)
+        taken = []
+        while (message := await source.get(no_ack=True, fail=False)) is not None:
+            taken.append(message)
+        return taken
+    finally:
+        await channel.close()
+
+
+# --- dead list ----------------------------------------------------------------------------------
+
+
+async def test_list_shows_an_unreadable_message_the_worker_dead_lettered(env):
+    await dead_letter_unreadable(env, 1)
+
+    listed = await dead_list(env)
+
+    names = env.client.names
+    assert [
+        {
+            "routing_key": "ticket.new",
+            "type": None,
+            "message_id": "bad-0",
+            "correlation_id": "bad-0",
+            "reason": "rejected",
+            "queue": names.queue("tickets"),
+            "count": 1,
+            "replay_to": f"{names.commands} ticket.new",
+            "body_bytes": 10,
+            "body": "not json 0",
+        }
+    ] == [{k: v for k, v in line.items() if k != "died_at"} for line in listed]
+
+
+async def test_list_leaves_the_queue_as_it_was_in_order(env):
+    await dead_letter_unreadable(env, 5)
+
+    first = await dead_list(env)
+    second = await dead_list(env)
+
+    taken = await take(env, env.client.names.dead)
+    assert first == second
+    assert [m.message_id for m in taken] == [line["message_id"] for line in first]
+
+
+async def test_list_honours_limit_from_the_head(env):
+    await dead_letter_unreadable(env, 3)
+    everything = await dead_list(env)
+
+    assert everything[:2] == await dead_list(env, "--limit", "2")
+    assert 3 == await depth(env, env.client.names.dead)
+
+
+async def test_list_masks_secrets_in_the_body(env):
+    password = "hunter2-" + uuid.uuid4().hex
+    body = {"type": "ticket.explode", "auth": {"login": "u1", "password": password}, "data": {}}
+    remember_secrets(body)
+    await env.client.call_raw(json.dumps(body).encode(), "ticket.explode")
+    await wait_depth(env, env.client.names.dead, 1)
+
+    (line,) = await dead_list(env)
+
+    assert password not in json.dumps(line)
+    assert '"password": "********"' in line["body"]
+    assert "ticket.explode" == line["type"]
+
+
+async def test_list_without_the_queue_fails_and_says_why(env):
+    prefix = f"missing{uuid.uuid4().hex[:8]}"
+
+    code, out, err = await smtp_worker(env, "dead", "list", prefix=prefix)
+
+    assert (1, "") == (code, out)
+    assert f"no queue {prefix}.dead" in err
+
+
+# --- dead replay --------------------------------------------------------------------------------
+
+
+async def test_replayed_command_that_now_succeeds_gets_its_reply(env, monkeypatch):
+    owner = await env.new_owner()
+    domain = unique_domain()
+    await env.client.ok("settings.email.create", owner, email_settings(domain))
+    spec = REGISTRY["settings.channel.put"]
+
+    async def broken(ctx: Context, data: Any) -> Any:
+        raise RuntimeError("a bug, fixed before the replay")
+
+    monkeypatch.setitem(REGISTRY, spec.type, dataclasses.replace(spec, handler=broken))
+    data = {"name": "ops", "domain": domain, "recipients": ["oncall@example.com"]}
+    failed = await env.client.call("settings.channel.put", owner, data, message_id="put-ops")
+    assert "GeneralError" == failed["error"]["name"]
+    assert 1 == await wait_depth(env, env.client.names.dead, 1)
+    monkeypatch.setitem(REGISTRY, spec.type, spec)
+    second_reply = asyncio.get_running_loop().create_future()
+    env.client.replies["put-ops"] = second_reply
+
+    code, summary = await dead_replay(env)
+
+    reply = json.loads((await asyncio.wait_for(second_reply, 20)).body)
+    assert (0, 1, 0) == (code, summary["replayed"], summary["left_in_dead"])
+    assert ("success", "put-ops") == (reply["status"], reply["command_id"])
+    assert ["ops"] == [
+        c["name"] for c in (await env.client.ok("settings.channel.list", owner))["channels"]
+    ]
+
+
+async def test_replay_honours_limit_head_first(env):
+    await dead_letter_unreadable(env, 3)
+    listed = await dead_list(env)
+    await stop_worker(env)
+
+    code, summary = await dead_replay(env, "--limit", "2")
+
+    names = env.client.names
+    replayed = await take(env, names.queue("tickets"))
+    assert (0, 2, 1) == (code, summary["replayed"], summary["left_in_dead"])
+    assert [line["message_id"] for line in listed[:2]] == [m.message_id for m in replayed]
+    assert [listed[2]["message_id"]] == [line["message_id"] for line in await dead_list(env)]
+
+
+async def test_replay_keeps_the_properties_and_drops_the_death_headers(env):
+    exchange = await env.client.channel.get_exchange(env.client.names.commands, ensure=False)
+    await exchange.publish(
+        aio_pika.Message(
+            b"[1, 2]",
+            content_type="application/json",
+            message_id="m-1",
+            correlation_id="c-1",
+            reply_to=env.client.reply_queue.name,
+            headers={"trace": "t-1"},
+        ),
+        routing_key="hit.new",
+    )
+    await wait_depth(env, env.client.names.dead, 1)
+    await stop_worker(env)
+
+    await dead_replay(env)
+
+    (message,) = await take(env, env.client.names.queue("hits"))
+    headers = message.headers or {}
+    assert ("m-1", "c-1", env.client.reply_queue.name, "application/json", b"[1, 2]") == (
+        message.message_id,
+        message.correlation_id,
+        message.reply_to,
+        message.content_type,
+        message.body,
+    )
+    assert ("hit.new", "t-1") == (message.routing_key, headers.get("trace"))
+    assert set() == {k for k in headers if "death" in k}
+
+
+async def test_replay_sends_an_email_job_back_to_the_deliveries_queue(env):
+    names = env.client.names
+    await env.client.channel.default_exchange.publish(
+        aio_pika.Message(b"no email_id here", message_id="job-1"), routing_key=names.deliveries
+    )
+    await wait_depth(env, names.dead, 1)
+    await stop_worker(env)
+
+    code, summary = await dead_replay(env)
+
+    assert (0, 1) == (code, summary["replayed"])
+    assert ["job-1"] == [m.message_id for m in await take(env, names.deliveries)]
+    assert 0 == await depth(env, names.queue("tickets"))
+
+
+async def test_replay_leaves_a_message_of_unknown_origin_in_dead(env):
+    names = env.client.names
+    dead = await env.client.channel.get_exchange(names.dead, ensure=False)
+    await dead.publish(aio_pika.Message(b"{}", message_id="stray"), routing_key="")
+    await wait_depth(env, names.dead, 1)
+
+    code, summary = await dead_replay(env)
+
+    assert (1, 0, 1) == (code, summary["replayed"], summary["left_in_dead"])
+    assert [{"message_id": "stray", "reason": "unknown origin"}] == summary["skipped_messages"]
+    assert ["stray"] == [line["message_id"] for line in await dead_list(env)]
