@@ -1,0 +1,394 @@
+"""settings.email.create / get / update / delete through the broker (contract section 6)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+from tests.conftest import Env
+from tests.payloads import email_settings, relay_options
+from tests.smtp_servers import SmtpServer
+
+RELAY_USER, RELAY_PASS = "relay-user", "relay-pass-7f3a9c"
+SETTINGS_KEYS = {
+    "id",
+    "domain",
+    "provider",
+    "description",
+    "from",
+    "options",
+    "created_at",
+    "updated_at",
+}
+
+
+@pytest.fixture
+async def owner(env: Env) -> dict[str, str]:
+    return await env.new_owner()
+
+
+async def create(env: Env, owner: dict[str, str], domain: str, **options: Any) -> dict[str, Any]:
+    return await env.client.ok("settings.email.create", owner, email_settings(domain, **options))
+
+
+# --- create and get -----------------------------------------------------------------------------
+
+
+async def test_create_returns_the_settings_object(env: Env, owner: dict[str, str], domain: str):
+    created = await create(env, owner, domain)
+
+    assert set(created) == SETTINGS_KEYS
+    assert (created["domain"], created["provider"], created["from"]) == (
+        domain,
+        "smtp",
+        f"Alerts <alerts@{domain}>",
+    )
+    assert created["description"] is None
+    assert created["created_at"] == created["updated_at"]
+
+
+async def test_create_fills_the_option_defaults(env: Env, owner: dict[str, str], domain: str):
+    created = await create(env, owner, domain)
+
+    assert created["options"] == {
+        "host": "smtp.example.com",
+        "port": 587,
+        "secure": False,
+        "starttls": "auto",
+        "debug": False,
+        "tls": {"rejectUnauthorized": True},
+        "auth": None,
+        "timeout": 30,
+    }
+
+
+async def test_create_keeps_every_option_given(env: Env, owner: dict[str, str], domain: str):
+    options = {
+        "host": "relay.example.net",
+        "port": 465,
+        "secure": True,
+        "starttls": "never",
+        "debug": True,
+        "tls": {"rejectUnauthorized": False},
+        "timeout": 12.5,
+    }
+
+    created = await create(env, owner, domain, **options)
+
+    assert created["options"] == {**options, "auth": None}
+
+
+async def test_create_shows_the_relay_password_masked(env: Env, owner: dict[str, str], domain: str):
+    created = await create(env, owner, domain, auth={"user": RELAY_USER, "pass": RELAY_PASS})
+
+    assert created["options"]["auth"] == {"user": RELAY_USER, "pass": "********"}
+
+
+async def test_get_returns_what_create_returned(env: Env, owner: dict[str, str], domain: str):
+    created = await create(env, owner, domain, auth={"user": RELAY_USER, "pass": RELAY_PASS})
+
+    assert await env.client.ok("settings.email.get", owner, {"domain": domain}) == created
+
+
+async def test_relay_password_is_stored_encrypted(env: Env, owner: dict[str, str], domain: str):
+    await create(env, owner, domain, auth={"user": RELAY_USER, "pass": RELAY_PASS})
+
+    [row] = await env.query("SELECT * FROM email_settings WHERE domain = :d", d=domain)
+
+    assert row.auth_pass_enc
+    assert RELAY_PASS not in repr(tuple(row))
+
+
+@pytest.mark.parametrize("by", ["same-owner", "another-owner"], ids=["same-owner", "another-owner"])
+async def test_create_of_a_configured_domain_is_a_conflict(
+    env: Env, owner: dict[str, str], domain: str, by: str
+):
+    await create(env, owner, domain)
+    creator = owner if by == "same-owner" else await env.new_owner("other")
+
+    reply = await env.client.call("settings.email.create", creator, email_settings(domain))
+
+    assert reply["error"]["name"] == "Conflict"
+
+
+async def test_refused_create_leaves_the_settings_untouched(
+    env: Env, owner: dict[str, str], domain: str
+):
+    created = await create(env, owner, domain)
+    other = await env.new_owner("other")
+
+    await env.client.call(
+        "settings.email.create", other, email_settings(domain, host="evil.example.org")
+    )
+
+    assert await env.client.ok("settings.email.get", owner, {"domain": domain}) == created
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "loc"),
+    [
+        ("provider", "ses", ["data", "provider"]),
+        ("from", "not an address", ["data", "from"]),
+        ("domain", "localhost", ["data", "domain"]),
+    ],
+    ids=["provider", "from", "domain"],
+)
+async def test_create_with_invalid_data_is_a_validation_error(
+    env: Env, owner: dict[str, str], domain: str, field: str, value: Any, loc: list[Any]
+):
+    data = email_settings(domain) | {field: value}
+
+    reply = await env.client.call("settings.email.create", owner, data)
+
+    assert reply["error"]["name"] == "ValidationError"
+    assert [d["loc"] for d in reply["error"]["details"]] == [loc]
+
+
+@pytest.mark.parametrize(
+    ("options", "loc"),
+    [
+        ({"port": 0}, ["data", "options", "port"]),
+        ({"starttls": "sometimes"}, ["data", "options", "starttls"]),
+        ({"timeout": 0}, ["data", "options", "timeout"]),
+        ({"auth": {"user": RELAY_USER}}, ["data", "options", "auth", "pass"]),
+    ],
+    ids=["port-0", "starttls", "timeout-0", "auth-without-pass"],
+)
+async def test_create_with_invalid_options_is_a_validation_error(
+    env: Env, owner: dict[str, str], domain: str, options: dict[str, Any], loc: list[Any]
+):
+    reply = await env.client.call("settings.email.create", owner, email_settings(domain, **options))
+
+    assert reply["error"]["name"] == "ValidationError"
+    assert [d["loc"] for d in reply["error"]["details"]] == [loc]
+
+
+# --- update -------------------------------------------------------------------------------------
+
+
+async def test_update_merges_options_key_by_key(env: Env, owner: dict[str, str], domain: str):
+    created = await create(
+        env,
+        owner,
+        domain,
+        starttls="always",
+        timeout=10,
+        auth={"user": RELAY_USER, "pass": RELAY_PASS},
+    )
+
+    updated = await env.client.ok(
+        "settings.email.update",
+        owner,
+        {"domain": domain, "options": {"port": 2525, "tls": {"rejectUnauthorized": False}}},
+    )
+
+    assert updated["options"] == {
+        **created["options"],
+        "port": 2525,
+        "tls": {"rejectUnauthorized": False},
+    }
+
+
+async def test_update_replaces_the_fields_given(env: Env, owner: dict[str, str], domain: str):
+    created = await create(env, owner, domain)
+
+    updated = await env.client.ok(
+        "settings.email.update",
+        owner,
+        {"domain": domain, "description": "primary relay", "from": f"ops@{domain}"},
+    )
+
+    assert updated == {
+        **created,
+        "description": "primary relay",
+        "from": f"ops@{domain}",
+        "updated_at": updated["updated_at"],
+    }
+
+
+async def test_update_keeps_id_and_created_at_and_advances_updated_at(
+    env: Env, owner: dict[str, str], domain: str
+):
+    created = await create(env, owner, domain)
+
+    updated = await env.client.ok(
+        "settings.email.update", owner, {"domain": domain, "options": {"port": 25}}
+    )
+
+    assert (updated["id"], updated["created_at"]) == (created["id"], created["created_at"])
+    assert datetime.fromisoformat(updated["updated_at"]) >= datetime.fromisoformat(
+        created["updated_at"]
+    )
+
+
+async def test_update_is_what_get_returns_next(env: Env, owner: dict[str, str], domain: str):
+    await create(env, owner, domain)
+
+    updated = await env.client.ok(
+        "settings.email.update", owner, {"domain": domain, "options": {"debug": True}}
+    )
+
+    assert await env.client.ok("settings.email.get", owner, {"domain": domain}) == updated
+
+
+async def test_update_without_auth_pass_keeps_the_stored_password(
+    env: Env, owner: dict[str, str], domain: str
+):
+    async with SmtpServer(auth=(RELAY_USER, RELAY_PASS)) as srv:
+        await create(env, owner, domain, **relay_options(srv))
+
+        updated = await env.client.ok(
+            "settings.email.update",
+            owner,
+            {"domain": domain, "options": {"auth": {"user": RELAY_USER}, "timeout": 4}},
+        )
+        probe = await env.client.ok("settings.email.test", owner, {"domain": domain})
+
+    assert updated["options"]["auth"] == {"user": RELAY_USER, "pass": "********"}
+    assert (probe["ok"], probe["stage"]) == (True, "done")
+
+
+async def test_update_with_auth_pass_replaces_the_stored_password(
+    env: Env, owner: dict[str, str], domain: str
+):
+    async with SmtpServer(auth=(RELAY_USER, RELAY_PASS)) as srv:
+        await create(env, owner, domain, **relay_options(srv))
+
+        await env.client.ok(
+            "settings.email.update",
+            owner,
+            {"domain": domain, "options": {"auth": {"user": RELAY_USER, "pass": "another-pass"}}},
+        )
+        probe = await env.client.ok("settings.email.test", owner, {"domain": domain})
+
+    assert (probe["ok"], probe["stage"]) == (False, "auth")
+
+
+async def test_update_with_auth_null_removes_the_login(
+    env: Env, owner: dict[str, str], domain: str
+):
+    await create(env, owner, domain, auth={"user": RELAY_USER, "pass": RELAY_PASS})
+
+    updated = await env.client.ok(
+        "settings.email.update", owner, {"domain": domain, "options": {"auth": None}}
+    )
+
+    [row] = await env.query("SELECT auth_pass_enc FROM email_settings WHERE domain = :d", d=domain)
+    assert updated["options"]["auth"] is None
+    assert row.auth_pass_enc is None
+
+
+async def test_update_of_a_domain_without_settings_is_not_found(
+    env: Env, owner: dict[str, str], domain: str
+):
+    reply = await env.client.call(
+        "settings.email.update", owner, {"domain": domain, "options": {"port": 25}}
+    )
+
+    assert reply["error"]["name"] == "NotFound"
+    assert reply["error"]["details"] == {"missing": [domain]}
+
+
+# --- delete -------------------------------------------------------------------------------------
+
+
+async def test_delete_removes_the_settings(env: Env, owner: dict[str, str], domain: str):
+    await create(env, owner, domain)
+
+    removed = await env.client.ok("settings.email.delete", owner, {"domain": domain})
+    reply = await env.client.call("settings.email.get", owner, {"domain": domain})
+
+    assert removed == {"removed": 1}
+    assert reply["error"]["name"] == "NotFound"
+
+
+async def test_deleted_domain_can_be_created_again(env: Env, owner: dict[str, str], domain: str):
+    await create(env, owner, domain)
+    await env.client.ok("settings.email.delete", owner, {"domain": domain})
+
+    reply = await env.client.call("settings.email.create", owner, email_settings(domain))
+
+    assert reply["status"] == "success"
+
+
+# --- another owner's domain ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("type_", "extra"),
+    [
+        ("settings.email.get", {}),
+        ("settings.email.update", {"options": {"port": 25}}),
+        ("settings.email.delete", {}),
+        ("settings.email.test", {}),
+    ],
+    ids=["get", "update", "delete", "test"],
+)
+async def test_another_owners_domain_is_not_found(
+    env: Env, owner: dict[str, str], domain: str, type_: str, extra: dict[str, Any]
+):
+    created = await create(env, owner, domain)
+    other = await env.new_owner("other")
+
+    reply = await env.client.call(type_, other, {"domain": domain, **extra})
+
+    assert reply["error"]["name"] == "NotFound"
+    assert reply["error"]["details"] == {"missing": [domain]}
+    assert await env.client.ok("settings.email.get", owner, {"domain": domain}) == created
+
+
+# --- events -------------------------------------------------------------------------------------
+
+
+async def test_create_publishes_email_settings_created(
+    env: Env, owner: dict[str, str], domain: str
+):
+    created = await create(env, owner, domain, auth={"user": RELAY_USER, "pass": RELAY_PASS})
+
+    [event] = await env.client.wait_events("email_settings.created")
+
+    assert (event["owner_id"], event["data"]) == (owner["owner_id"], created)
+    assert {"type", "id", "time", "owner_id", "data"} <= set(event)
+
+
+async def test_update_publishes_email_settings_updated(
+    env: Env, owner: dict[str, str], domain: str
+):
+    await create(env, owner, domain, auth={"user": RELAY_USER, "pass": RELAY_PASS})
+
+    updated = await env.client.ok(
+        "settings.email.update",
+        owner,
+        {"domain": domain, "options": {"auth": {"user": RELAY_USER, "pass": "new-relay-pass"}}},
+    )
+
+    [event] = await env.client.wait_events("email_settings.updated")
+    assert (event["owner_id"], event["data"]) == (owner["owner_id"], updated)
+
+
+async def test_delete_publishes_email_settings_deleted(
+    env: Env, owner: dict[str, str], domain: str
+):
+    await create(env, owner, domain)
+
+    await env.client.ok("settings.email.delete", owner, {"domain": domain})
+
+    [event] = await env.client.wait_events("email_settings.deleted")
+    assert (event["owner_id"], event["data"]) == (owner["owner_id"], {"domain": domain})
+
+
+async def test_events_never_carry_the_relay_password(env: Env, owner: dict[str, str], domain: str):
+    await create(env, owner, domain, auth={"user": RELAY_USER, "pass": RELAY_PASS})
+    await env.client.ok(
+        "settings.email.update",
+        owner,
+        {"domain": domain, "options": {"auth": {"user": RELAY_USER, "pass": RELAY_PASS + "2"}}},
+    )
+    await env.client.ok("settings.email.delete", owner, {"domain": domain})
+
+    for type_ in ("created", "updated", "deleted"):
+        assert await env.client.wait_events(f"email_settings.{type_}")
+    assert RELAY_PASS not in json.dumps(env.client.events)
