@@ -281,6 +281,43 @@ async def test_update_with_auth_null_removes_the_login(
     assert row.auth_pass_enc is None
 
 
+@pytest.mark.parametrize(
+    ("change", "loc"),
+    [
+        ({"from": None}, ["data", "from"]),
+        ({"provider": None}, ["data", "provider"]),
+        ({"options": None}, ["data", "options"]),
+        ({"options": {"host": None}}, ["data", "options", "host"]),
+        ({"options": {"port": None}}, ["data", "options", "port"]),
+        ({"options": {"tls": None}}, ["data", "options", "tls"]),
+        ({"options": {"auth": {"user": RELAY_USER}}}, ["data", "options", "auth", "pass"]),
+        ({"options": {"auth": {"pass": RELAY_PASS}}}, ["data", "options", "auth", "user"]),
+        ({"options": {"port": 0}}, ["data", "options", "port"]),
+    ],
+    ids=[
+        "from-null",
+        "provider-null",
+        "options-null",
+        "host-null",
+        "port-null",
+        "tls-null",
+        "auth-without-stored-pass",
+        "auth-without-stored-user",
+        "port-0",
+    ],
+)
+async def test_update_with_invalid_data_is_a_validation_error_naming_the_field(
+    env: Env, owner: dict[str, str], domain: str, change: dict[str, Any], loc: list[Any]
+):
+    created = await create(env, owner, domain)
+
+    reply = await env.client.call("settings.email.update", owner, {"domain": domain, **change})
+
+    assert reply["error"]["name"] == "ValidationError"
+    assert [d["loc"] for d in reply["error"]["details"]] == [loc]
+    assert await env.client.ok("settings.email.get", owner, {"domain": domain}) == created
+
+
 async def test_update_of_a_domain_without_settings_is_not_found(
     env: Env, owner: dict[str, str], domain: str
 ):

@@ -100,37 +100,53 @@ async def get_email_settings(ctx: Context, data: s.DomainRef) -> s.EmailSettings
     return _settings_out(await _own_settings(ctx, data.domain))
 
 
+def _null(*loc: str) -> ValidationError:
+    # Located from the command body, as the schema's own errors are: ["data", "options", ...].
+    return ValidationError("invalid settings", [{"loc": ["data", *loc], "msg": "must not be null"}])
+
+
+def _merge_options(
+    ctx: Context, stored: dict[str, Any], pass_enc: str | None, patch: s.SmtpOptionsPatch
+) -> tuple[dict[str, Any], str | None]:
+    """The stored options (and encrypted password) with `patch` applied key by key."""
+    options = dict(stored)
+    for key in patch.model_fields_set - {"auth"}:
+        value = getattr(patch, key)
+        if value is None:
+            raise _null("options", key)
+        if key == "tls":
+            options["rejectUnauthorized"] = value.rejectUnauthorized
+        else:
+            options[key] = value
+    if "auth" in patch.model_fields_set:
+        if patch.auth is None:
+            options["auth_user"], pass_enc = None, None
+        else:
+            user = patch.auth.user or options.get("auth_user")
+            if patch.auth.pass_ is not None:
+                pass_enc = ctx.keyring.encrypt(patch.auth.pass_)
+            missing = [f for f, v in (("user", user), ("pass", pass_enc)) if v is None]
+            if missing:
+                raise ValidationError(
+                    "relay login needs a user and a password",
+                    [
+                        {"loc": ["data", "options", "auth", f], "msg": "Field required"}
+                        for f in missing
+                    ],
+                )
+            options["auth_user"] = user
+    return options, pass_enc
+
+
 @command("settings.email.update", "owner")
 async def update_email_settings(ctx: Context, data: s.EmailSettingsUpdate) -> s.EmailSettings:
     row = await _own_settings(ctx, data.domain)
     given = data.model_fields_set
-    options = dict(row.options)
-    pass_enc = row.auth_pass_enc
-    if "options" in given and data.options is not None:
-        patch = data.options
-        for key in patch.model_fields_set - {"auth", "tls"}:
-            value = getattr(patch, key)
-            if value is None:
-                raise ValidationError(
-                    "invalid options", [{"loc": ["options", key], "msg": "must not be null"}]
-                )
-            options[key] = value
-        if "tls" in patch.model_fields_set and patch.tls is not None:
-            options["rejectUnauthorized"] = patch.tls.rejectUnauthorized
-        if "auth" in patch.model_fields_set:
-            if patch.auth is None:
-                options["auth_user"], pass_enc = None, None
-            else:
-                user = patch.auth.user or options.get("auth_user")
-                if patch.auth.pass_ is not None:
-                    pass_enc = ctx.keyring.encrypt(patch.auth.pass_)
-                missing = [f for f, v in (("user", user), ("pass", pass_enc)) if v is None]
-                if missing:
-                    raise ValidationError(
-                        "relay login needs a user and a password",
-                        [{"loc": ["options", "auth", f], "msg": "Field required"} for f in missing],
-                    )
-                options["auth_user"] = user
+    options, pass_enc = row.options, row.auth_pass_enc
+    if "options" in given:
+        if data.options is None:
+            raise _null("options")
+        options, pass_enc = _merge_options(ctx, options, pass_enc, data.options)
     values: dict[str, Any] = {"options": options, "auth_pass_enc": pass_enc, "updated_at": ctx.now}
     for field, column in (
         ("provider", "provider"),
@@ -140,9 +156,7 @@ async def update_email_settings(ctx: Context, data: s.EmailSettingsUpdate) -> s.
         if field in given:
             value = getattr(data, field)
             if value is None and field != "description":
-                raise ValidationError(
-                    "invalid settings", [{"loc": [field.rstrip("_")], "msg": "must not be null"}]
-                )
+                raise _null(field.rstrip("_"))
             values[column] = value
     await ctx.conn.execute(
         update(email_settings).where(email_settings.c.id == row.id).values(**values)
