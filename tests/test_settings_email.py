@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -100,6 +100,16 @@ async def test_relay_password_is_stored_encrypted(env: Env, owner: dict[str, str
 
     assert row.auth_pass_enc
     assert RELAY_PASS not in repr(tuple(row))
+
+
+async def test_domain_is_stored_in_lower_case_and_found_in_any_case(
+    env: Env, owner: dict[str, str], domain: str
+):
+    created = await create(env, owner, domain.upper())
+
+    found = await env.client.ok("settings.email.get", owner, {"domain": domain.title()})
+
+    assert created["domain"] == found["domain"] == domain
 
 
 @pytest.mark.parametrize("by", ["same-owner", "another-owner"], ids=["same-owner", "another-owner"])
@@ -388,7 +398,8 @@ async def test_create_publishes_email_settings_created(
     [event] = await env.client.wait_events("email_settings.created")
 
     assert (event["owner_id"], event["data"]) == (owner["owner_id"], created)
-    assert {"type", "id", "time", "owner_id", "data"} <= set(event)
+    assert set(event) == {"type", "id", "time", "owner_id", "data"}
+    assert datetime.fromisoformat(event["time"]).utcoffset() == timedelta(0)
 
 
 async def test_update_publishes_email_settings_updated(
