@@ -18,6 +18,7 @@ import aio_pika
 import pytest
 
 from tests.conftest import Client, Env, delete_topology, make_settings, unique_domain
+from worker import consumer
 from worker.broker import DELIVERY_LIMIT
 from worker.handlers.base import REGISTRY, Context, Spec
 
@@ -116,6 +117,13 @@ UNREADABLE: list[tuple[str, str, Callable[[Auth], bytes], str | None, list[str]]
         lambda a: json.dumps({"auth": a, "data": {}}).encode(),
         None,
         ["type"],
+    ),
+    (
+        "message-id-with-nul",
+        "settings.smtp_user.list",
+        lambda a: command("settings.smtp_user.list", a, {}),
+        "id\x00",
+        ["properties", "message_id"],
     ),
     (
         "message-id-over-128",
@@ -219,6 +227,23 @@ REFUSED: list[tuple[str, Callable[[World], tuple[str, Any, Any]], str, Callable[
         ),
         "ValidationError",
         lambda w: [["data", "recipients", 1]],
+    ),
+    (
+        # PostgreSQL cannot store U+0000: refused alike on both stores, before any query.
+        "nul-character",
+        lambda w: ("settings.smtp_user.edit", w.owner, {"smtp_user_name": "smtp_\x00"}),
+        "ValidationError",
+        lambda w: [["data", "smtp_user_name"]],
+    ),
+    (
+        "nul-character-in-auth",
+        lambda w: (
+            "settings.smtp_user.list",
+            {"owner_id": "\x00", "token": "nul-" + uuid.uuid4().hex},
+            {},
+        ),
+        "AuthenticationError",
+        lambda w: None,
     ),
     (
         "wrong-token",
@@ -341,6 +366,21 @@ async def test_an_unexpected_error_is_retried_until_the_delivery_limit_then_dead
     # The first delivery, then one more per return the quorum queue's x-delivery-limit allows.
     assert len(attempts) == DELIVERY_LIMIT + 1
     assert env.client.orphan_replies == []
+
+
+async def test_a_crash_of_the_consumer_itself_still_ends_in_dead(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> bytes:
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(consumer, "error_reply", broken)
+    correlation_id = uuid.uuid4().hex
+
+    await env.client.publish(b"not json", "settings.x", correlation_id=correlation_id)
+
+    # Each delivery is requeued, the delivery limit ends it: no message is held forever.
+    assert await dead_body(env.client, correlation_id) == b"not json"
 
 
 # --- the worker goes on -------------------------------------------------------------------------

@@ -110,6 +110,43 @@ class _InvalidData(Exception):
         self.auth = auth
 
 
+def _raise_if_unreadable(first: Any) -> None:
+    """The first validation error of a body that cannot be read as a command at all."""
+    if first["type"] in _UNREADABLE_TYPES and not first["loc"]:
+        raise UnreadableMessage("the body is not a JSON object", [{"loc": [], "msg": first["msg"]}])
+    if first["type"] == "union_tag_not_found":
+        raise UnreadableMessage(
+            "the body has no command type", [{"loc": ["type"], "msg": "Field required"}]
+        )
+    if first["type"] == "union_tag_invalid":
+        raise UnreadableMessage(
+            "unknown command type", [{"loc": ["type"], "msg": "unknown command type"}]
+        )
+
+
+def _nul_errors(raw: dict[str, Any]) -> list[dict[str, Any]]:
+    """An error, located like pydantic's, for every string of `auth` or `data` holding U+0000.
+
+    PostgreSQL text cannot hold that character (SQLite can): refusing it here, before any query
+    sees it, answers the same on both stores instead of failing in the store on one.
+    """
+    found: list[dict[str, Any]] = []
+
+    def walk(value: Any, loc: tuple[Any, ...]) -> None:
+        if isinstance(value, str) and "\x00" in value:
+            found.append({"loc": loc, "msg": "must not contain the NUL character"})
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, (*loc, key))
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                walk(item, (*loc, index))
+
+    for part in ("auth", "data"):
+        walk(raw.get(part), (raw["type"], part))
+    return found
+
+
 def _details(errors: list[Any]) -> list[dict[str, Any]]:
     # The first element of a loc is the union tag; the sender never wrote it.
     return [{"loc": list(e["loc"][1:]), "msg": e["msg"]} for e in errors]
@@ -150,25 +187,21 @@ class CommandConsumer:
                 f"the body is larger than {self.settings.max_message_bytes} bytes",
                 [{"loc": [], "msg": "too large"}],
             )
+        command: CommandBody | None = None
+        errors: list[Any] = []
         try:
-            return command_adapter.validate_json(body)
+            command = command_adapter.validate_json(body)
         except pydantic.ValidationError as exc:
             errors = exc.errors(include_url=False, include_input=False, include_context=False)
-        first = errors[0]
-        if first["type"] in _UNREADABLE_TYPES and not first["loc"]:
-            raise UnreadableMessage(
-                "the body is not a JSON object", [{"loc": [], "msg": first["msg"]}]
-            )
-        if first["type"] == "union_tag_not_found":
-            raise UnreadableMessage(
-                "the body has no command type", [{"loc": ["type"], "msg": "Field required"}]
-            )
-        if first["type"] == "union_tag_invalid":
-            raise UnreadableMessage(
-                "unknown command type", [{"loc": ["type"], "msg": "unknown command type"}]
-            )
+            _raise_if_unreadable(errors[0])
+        # In valid JSON, U+0000 can only be written as this escape.
+        if command is not None and b"\\u0000" not in body:
+            return command
         raw = json.loads(body)  # valid JSON object: pydantic got past the tag
-        raise _InvalidData(str(first["loc"][0]), errors, raw.get("auth"))
+        errors += _nul_errors(raw)
+        if command is not None and not errors:
+            return command
+        raise _InvalidData(raw["type"], errors, raw.get("auth"))
 
     @staticmethod
     def _guess_type(body: bytes) -> str | None:
@@ -221,6 +254,12 @@ class CommandConsumer:
                 raise UnreadableMessage(
                     "message_id is longer than 128 characters",
                     [{"loc": ["properties", "message_id"], "msg": "at most 128 characters"}],
+                )
+            if meta.message_id is not None and "\x00" in meta.message_id:
+                # It is a key of the store, which cannot hold U+0000 on PostgreSQL.
+                raise UnreadableMessage(
+                    "message_id holds the NUL character",
+                    [{"loc": ["properties", "message_id"], "msg": "must not contain NUL"}],
                 )
             try:
                 command = self.parse(message.body)
