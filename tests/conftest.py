@@ -12,6 +12,7 @@ and every event received are searched for them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -318,18 +319,15 @@ async def delete_topology(amqp_url: str, settings: Settings) -> None:
     try:
         queues = [names.queue(q) for q in ("tickets", "hits", "settings", "dead")]
         queues += [names.deliveries] + [names.delay(d) for d in settings.retry_delays]
+        # A failed delete closes its channel, so each gets a channel of its own.
         for name in queues:
             channel = await connection.channel()
-            try:
+            with contextlib.suppress(Exception):  # the queue never existed
                 await channel.queue_delete(name)
-            except Exception:  # the queue never existed
-                pass
         for name in (names.commands, names.events, names.dead):
             channel = await connection.channel()
-            try:
+            with contextlib.suppress(Exception):
                 await channel.exchange_delete(name)
-            except Exception:
-                pass
     finally:
         await connection.close()
 
@@ -343,6 +341,14 @@ class Env:
     settings: Settings
     client: Client
     workers: list[Worker] = field(default_factory=list)
+    _store: Store | None = None
+
+    @property
+    def store(self) -> Store:
+        """One engine for the test's own reads and writes (owners, queries)."""
+        if self._store is None:
+            self._store = Store(self.database_url)
+        return self._store
 
     async def start_worker(self, **overrides: Any) -> Worker:
         queues = overrides.pop("queues", ("tickets", "hits", "settings", "deliveries"))
@@ -354,42 +360,29 @@ class Env:
 
     async def new_owner(self, name: str = "acme") -> dict[str, str]:
         """A new owner, written to the store as `smtp-worker owner create` does."""
-        store = Store(self.database_url)
         owner_id, token = new_id(), new_token()
-        try:
-            async with store.transaction() as conn:
-                await conn.execute(
-                    insert(owners).values(
-                        id=owner_id,
-                        name=name,
-                        token_hash=Keyring(SECRET_KEY).hash(token),
-                        created_at=datetime.now(UTC),
-                    )
+        async with self.store.transaction() as conn:
+            await conn.execute(
+                insert(owners).values(
+                    id=owner_id,
+                    name=name,
+                    token_hash=Keyring(SECRET_KEY).hash(token),
+                    created_at=datetime.now(UTC),
                 )
-        finally:
-            await store.close()
+            )
         SECRETS.add(token)
         return {"owner_id": owner_id, "token": token}
 
     async def query(self, sql: str, **params: Any) -> list[Any]:
         """Reads the store directly, as an operator would."""
-        store = Store(self.database_url)
-        try:
-            async with store.transaction() as conn:
-                return list(await conn.execute(text(sql), params))
-        finally:
-            await store.close()
+        async with self.store.transaction() as conn:
+            return list(await conn.execute(text(sql), params))
 
 
 @pytest.fixture
 async def env(amqp_url: str, database_url: str) -> AsyncIterator[Env]:
     """A started worker on its own prefix, over the parametrized store."""
-    from worker.store import migrate  # noqa: PLC0415
-
     settings = make_settings(amqp_url, database_url)
-    store = Store(database_url)
-    await migrate(store)
-    await store.close()
     world = Env(amqp_url, database_url, settings, client=None)  # type: ignore[arg-type]
     await world.start_worker()
     world.client = await Client.connect(settings)
@@ -397,6 +390,8 @@ async def env(amqp_url: str, database_url: str) -> AsyncIterator[Env]:
     await world.client.close()
     for worker in world.workers:
         await worker.stop()
+    if world._store is not None:
+        await world._store.close()
     await delete_topology(amqp_url, settings)
 
 
