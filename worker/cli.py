@@ -77,17 +77,24 @@ async def _call(settings: Settings, type_: str, auth: Any, data: Any, timeout: f
         reply_queue = await channel.get_queue("amq.rabbitmq.reply-to", ensure=False)
         await reply_queue.consume(replies.put, no_ack=True)
         message_id = uuid.uuid4().hex
-        exchange = await channel.get_exchange(Names(settings.prefix).commands, ensure=False)
-        await exchange.publish(
-            aio_pika.Message(
-                body,
-                content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                message_id=message_id,
-                reply_to="amq.rabbitmq.reply-to",
-            ),
-            routing_key=type_,
-        )
+        commands = Names(settings.prefix).commands
+        exchange = await channel.get_exchange(commands, ensure=False)
+        try:
+            await exchange.publish(
+                aio_pika.Message(
+                    body,
+                    content_type="application/json",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    message_id=message_id,
+                    reply_to="amq.rabbitmq.reply-to",
+                ),
+                routing_key=type_,
+            )
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            # No worker ever ran with this prefix: no reply can come, however long one waits.
+            error = f"no exchange {commands}: no worker has run with this prefix"
+            print(json.dumps({"error": error}), file=sys.stderr)
+            return 2
         try:
             while True:
                 reply = await asyncio.wait_for(replies.get(), timeout)
