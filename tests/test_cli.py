@@ -4,51 +4,18 @@ configured by `SMTP_WORKER_*` variables, in a working directory of its own.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import sqlite3
 import stat
-import sys
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import LOG_LINES, SECRET_KEY, SECRETS, Env
+from tests.commandline import smtp_worker
+from tests.conftest import SECRET_KEY, SECRETS, Env
 
-SMTP_WORKER = str(Path(sys.executable).with_name("smtp-worker"))
 ON_SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-
-
-@dataclass(frozen=True)
-class Ran:
-    code: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-
-async def smtp_worker(*args: str, cwd: Path, timeout: float = 30, **variables: str) -> Ran:
-    """Runs the command with these SMTP_WORKER_* variables (and no others of the kind)."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("SMTP_WORKER_")}
-    environ |= {f"SMTP_WORKER_{name.upper()}": value for name, value in variables.items()}
-    process = await asyncio.create_subprocess_exec(
-        SMTP_WORKER,
-        *args,
-        cwd=cwd,
-        env=environ,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
-    LOG_LINES.extend(stderr.decode().splitlines())  # searched for secrets at the end of the run
-    assert process.returncode is not None
-    return Ran(process.returncode, stdout.decode(), stderr.decode())
 
 
 def connected(env: Env) -> dict[str, str]:
