@@ -43,23 +43,21 @@ class Worker:
         self.store = Store(settings.database_url)
         self.broker = Broker(settings)
         self.keyring = keyring_for(settings)
-        self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._in_flight: set[asyncio.Future[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
 
     def _tracked(
         self, handler: Callable[[AbstractIncomingMessage], Awaitable[None]]
     ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def run(message: AbstractIncomingMessage) -> None:
-            self._in_flight += 1
-            self._idle.clear()
-            try:
-                await handler(message)
-            finally:
-                self._in_flight -= 1
-                if self._in_flight == 0:
-                    self._idle.set()
+            # When the broker connection drops, aiormq cancels every consumer callback: an email
+            # cut short after the relay took it, but before it was recorded as sent, would be
+            # sent again. So a message's work is shielded and runs to its end; only its ack is
+            # lost, and the redelivered message finds the work done.
+            work = asyncio.ensure_future(handler(message))
+            self._in_flight.add(work)
+            work.add_done_callback(self._in_flight.discard)
+            await asyncio.shield(work)
 
         return run
 
@@ -104,12 +102,12 @@ class Worker:
                 log.warning("idempotency.sweep_failed", exc_info=True)
 
     async def stop(self) -> None:
-        log.info("worker.stopping", in_flight=self._in_flight)
+        log.info("worker.stopping", in_flight=len(self._in_flight))
         await self.broker.stop_consuming()
-        try:
-            await asyncio.wait_for(self._idle.wait(), self.settings.shutdown_grace)
-        except TimeoutError:
-            log.warning("worker.grace_expired", in_flight=self._in_flight)
+        if self._in_flight:
+            _, pending = await asyncio.wait(self._in_flight, timeout=self.settings.shutdown_grace)
+            if pending:
+                log.warning("worker.grace_expired", in_flight=len(pending))
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
