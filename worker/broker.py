@@ -25,6 +25,7 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
@@ -91,7 +92,7 @@ class Broker:
         self.settings = settings
         self.names = Names(settings.prefix)
         self.connection: AbstractRobustConnection | None = None
-        self._publisher: AbstractChannel | None = None
+        self._publisher: AbstractRobustChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
         # Strong references: aio-pika restores channels and consumers after a reconnect only
         # while they are alive (aio-pika issues #231, #626).
@@ -187,11 +188,14 @@ class Broker:
             type=type_,
             headers=headers,
         )
+        target = self._publisher.default_exchange if exchange == "" else self._exchanges[exchange]
         try:
-            target = (
-                self._publisher.default_exchange if exchange == "" else self._exchanges[exchange]
-            )
-            await target.publish(message, routing_key, mandatory=False, timeout=PUBLISH_TIMEOUT)
+            async with asyncio.timeout(PUBLISH_TIMEOUT):
+                # After a reconnect aio-pika restores channels one by one, in no fixed order: the
+                # consumers' may be back before this one. Wait for it rather than fail, which
+                # would spend a delivery attempt of the message being processed.
+                await self._publisher.ready()
+                await target.publish(message, routing_key, mandatory=False)
         except _publish_errors() as exc:
             raise BrokerUnavailable(f"publish to {exchange or 'default'} failed") from exc
 
