@@ -353,14 +353,18 @@ class CommandConsumer:
     ) -> Result:
         conflicts = 0
         backoff = iter(STORE_BACKOFF)
+        maybe_done = meta.redelivered
         while True:
             try:
-                return await self._execute_once(spec, command, invalid, meta)
+                return await self._execute_once(spec, command, invalid, meta, maybe_done)
             except ConcurrentWrite:
                 conflicts += 1
                 if conflicts > CONCURRENT_WRITE_RETRIES:
                     raise
             except StoreUnavailable:
+                # The store may have committed before the connection broke, without saying so:
+                # the next attempt may find this message's own record, its effects unpublished.
+                maybe_done = True
                 delay = next(backoff, None)
                 if delay is None:
                     raise
@@ -368,7 +372,12 @@ class CommandConsumer:
                 await asyncio.sleep(delay)
 
     async def _execute_once(
-        self, spec: Spec, command: CommandBody | None, invalid: _InvalidData | None, meta: Meta
+        self,
+        spec: Spec,
+        command: CommandBody | None,
+        invalid: _InvalidData | None,
+        meta: Meta,
+        maybe_done: bool,
     ) -> Result:
         now = datetime.now(UTC)
         principal: Principal | None = None
@@ -380,9 +389,10 @@ class CommandConsumer:
                 if meta.message_id is not None:
                     found = await idempotency.find(conn, principal.owner_id, meta.message_id, now)
                     if found is not None:
-                        # A redelivery may follow a crash between commit and publish: publish
-                        # everything again. A fresh repeat gets its reply only.
-                        effects = found.effects if meta.redelivered else []
+                        # A redelivery may follow a crash between commit and publish, a retry
+                        # a commit never confirmed: publish everything again. A fresh repeat
+                        # gets its reply only.
+                        effects = found.effects if maybe_done else []
                         return Result(found.reply, effects, "duplicate", _status(found.reply))
                 if invalid is not None:
                     raise ValidationError("the command's data is invalid", _details(invalid.errors))
