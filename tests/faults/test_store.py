@@ -1,0 +1,108 @@
+"""Scenario 4: the store (PostgreSQL, through a proxy) unreachable for 10 seconds under load.
+
+Commands are held (retried in the worker) or requeued, never failed: once the store is back
+every command succeeds, with one ticket each, every email goes out once, and nothing reaches
+P.dead. PostgreSQL itself is never stopped: other test runs share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from tests.faults.conftest import Rig, figure
+
+pytestmark = pytest.mark.faults
+
+COMMANDS = 300
+OUTAGE = 10.0
+LOST_ANSWERS = 200
+
+
+async def test_commands_wait_out_a_10_s_store_outage_and_all_succeed(rig: Rig) -> None:
+    url = make_url(rig.database_url)
+    proxy = rig.proxy(url.port or 5432)
+    through_proxy = url.set(host="127.0.0.1", port=proxy.port)
+    worker = await rig.start_worker(database_url=through_proxy.render_as_string(False))
+    await rig.setup_tenant()
+    commands = rig.tickets(COMMANDS, "store")
+    ids = [message_id for *_, message_id in commands]
+
+    started = time.monotonic()
+    await rig.load.publish_many(commands)
+    assert await rig.load.wait_answered(ids, COMMANDS // 4, timeout=120)
+    answered_before = rig.load.answered(ids)
+    proxy.cut()
+    await asyncio.sleep(OUTAGE)
+    answered_during = rig.load.answered(ids) - answered_before
+    proxy.restore()
+    restored = time.monotonic()
+    assert await rig.load.wait_answered(ids, COMMANDS, timeout=120), rig.load.answered(ids)
+    answered = time.monotonic()
+    sids = rig.replies_of(ids)  # every reply a success: none failed for the outage
+    assert await rig.wait_emails(set(sids.values()), timeout=120)
+    finished = time.monotonic()
+
+    tickets = await rig.query("SELECT count(*) AS n FROM tickets")
+    received = rig.emails_by_sid()
+    dead = await rig.load.dead()
+    figure(
+        "store outage",
+        commands=COMMANDS,
+        outage_s=OUTAGE,
+        answered_before=answered_before,
+        answered_during=answered_during,
+        all_answered_after_s=round(answered - restored, 1),
+        total_s=round(finished - started, 1),
+        store_retries=worker.count("store.unavailable"),
+        commands_processed=dict(worker.outcomes()),
+        emails_processed=dict(worker.outcomes("email.processed")),
+        replies=sum(len(rig.load.replies[i]) for i in ids),
+        tickets=tickets[0].n,
+        emails=sum(received.values()),
+        dead=len(dead),
+    )
+    assert COMMANDS == len(set(sids.values())) == tickets[0].n
+    assert COMMANDS == sum(received.values()) == len(received)
+    assert [] == dead
+
+
+async def test_a_commit_whose_answer_is_lost_still_sends_its_reply_events_and_email(
+    rig: Rig,
+) -> None:
+    url = make_url(rig.database_url)
+    proxy = rig.proxy(url.port or 5432)
+    through_proxy = url.set(host="127.0.0.1", port=proxy.port)
+    worker = await rig.start_worker(database_url=through_proxy.render_as_string(False))
+    await rig.setup_tenant()
+    commands = rig.tickets(LOST_ANSWERS, "lost")
+    ids = [message_id for *_, message_id in commands]
+
+    await rig.load.publish_many(commands)
+    assert await rig.load.wait_answered(ids, LOST_ANSWERS // 10, timeout=120)
+    # COMMITs sent now are done by PostgreSQL, but the worker never hears so; then the
+    # connections break, and it must find out what its own retry already did.
+    proxy.mute()
+    await asyncio.sleep(2)
+    proxy.cut()
+    await asyncio.sleep(1)
+    proxy.restore()
+    assert await rig.load.wait_answered(ids, LOST_ANSWERS, timeout=120), rig.load.answered(ids)
+    sids = rig.replies_of(ids)
+    emailed = await rig.wait_emails(set(sids.values()), timeout=60)
+
+    received = rig.emails_by_sid()
+    pending = await rig.query("SELECT count(*) AS n FROM emails WHERE status = 'pending'")
+    figure(
+        "store answer lost",
+        commands=LOST_ANSWERS,
+        commands_processed=dict(worker.outcomes()),
+        store_retries=worker.count("store.unavailable"),
+        emails=sum(received.values()),
+        emails_never_sent=pending[0].n,
+    )
+    assert emailed
+    assert LOST_ANSWERS == sum(received.values()) == len(received)
