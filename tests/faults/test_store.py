@@ -1,8 +1,15 @@
 """Scenario 4: the store (PostgreSQL, through a proxy) unreachable for 10 seconds under load.
 
+Its connections are reset and new ones blackholed (accepted, never answered: the connect
+hangs), the harsher of the proxy's two outages; the refused kind is the broker's and relay's.
+
 Commands are held (retried in the worker) or requeued, never failed: once the store is back
 every command succeeds, with one ticket each, every email goes out once, and nothing reaches
 P.dead. PostgreSQL itself is never stopped: other test runs share it.
+
+And the nastiest moment of an outage: a COMMIT the store carried out whose answer never came
+back. The worker's retry finds the command's own idempotency record; it must still publish the
+reply, the events and the email job.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ async def test_commands_wait_out_a_10_s_store_outage_and_all_succeed(rig: Rig) -
     await rig.load.publish_many(commands)
     assert await rig.load.wait_answered(ids, COMMANDS // 4, timeout=120)
     answered_before = rig.load.answered(ids)
-    proxy.cut()
+    proxy.cut(blackhole=True)
     await asyncio.sleep(OUTAGE)
     answered_during = rig.load.answered(ids) - answered_before
     proxy.restore()
