@@ -92,6 +92,7 @@ async def world(amqp_url: str, shared_database_url: str) -> AsyncIterator[World]
     await env.client.close()
     for worker in env.workers:
         await worker.stop()
+    await env.store.close()
     await delete_topology(amqp_url, settings)
 
 
