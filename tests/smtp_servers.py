@@ -219,9 +219,13 @@ class SmtpServer:
         if not self._started:
             return
         self._started = False
-        self.drop_connections()
+        # Stop listening first, and hang up until none is left: Controller.stop() closes its
+        # loop without closing the connections still open, and a client that connected after
+        # a single hang-up round (a worker retrying) would leak its transport (ResourceWarning).
+        self._controller.loop.call_soon_threadsafe(self._controller.server.close)
         deadline = time.monotonic() + 2.0
         while self.open_connections and time.monotonic() < deadline:
+            self.drop_connections()
             time.sleep(0.01)
         self._controller.stop()
 
