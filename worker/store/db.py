@@ -24,6 +24,10 @@ from worker.errors import ConcurrentWrite, StoreUnavailable
 
 # PostgreSQL: serialization_failure, deadlock_detected.
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+# PostgreSQL classes of a server that cannot serve us for now: 08 connection exception,
+# 53 insufficient resources ("too many clients already"), 57 operator intervention (shutting
+# down, starting up). asyncpg reports them as plain DBAPIErrors, not OperationalErrors.
+_UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "57")
 
 
 def translate_error(exc: BaseException) -> Exception | None:
@@ -34,6 +38,8 @@ def translate_error(exc: BaseException) -> Exception | None:
         sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
         if sqlstate in _RETRYABLE_SQLSTATES:
             return ConcurrentWrite("serialization failure")
+        if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATE_CLASSES):
+            return StoreUnavailable("the store is unavailable")
         if exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError):
             return StoreUnavailable("the store is unavailable")
     if isinstance(exc, PoolTimeout | OSError | TimeoutError):
