@@ -1,0 +1,314 @@
+"""Delivery through P.deliveries (contract section 7): relays, retries, TLS, login, reuse.
+
+Real aiosmtpd servers play the relay, scripted to misbehave. The worker's RETRY_DELAYS are
+(0.2, 0.4): an email gets at most three attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aio_pika
+import pytest
+
+from tests.conftest import LOG_LINES, Env
+from tests.smtp_servers import DROP, SmtpServer, Tls, closed_port
+from tests.world import BIG_LIMITS, World, configure, eventually, relay_options
+
+ATTEMPTS = 3  # len(RETRY_DELAYS) + 1
+SENT_KEYS = {"sid", "seq", "recipients", "message_id", "attempts"}
+FAILED_KEYS = {"sid", "seq", "error", "permanent", "attempts"}
+
+
+@pytest.fixture
+async def smtp() -> AsyncIterator[SmtpServer]:
+    async with SmtpServer() as server:
+        yield server
+
+
+async def outcome(world: World, type_: str) -> dict[str, Any]:
+    """The data of the one `email.sent` or `email.failed` event of the test."""
+    (event,) = await world.env.client.wait_events(type_)
+    data: dict[str, Any] = event["data"]
+    return data
+
+
+# --- success ------------------------------------------------------------------------------------
+
+
+async def test_email_sent_event_describes_the_email(env: Env, smtp: SmtpServer):
+    world = await configure(env, smtp)
+    sid = await world.new_ticket()
+
+    sent = await outcome(world, "email.sent")
+
+    assert {
+        "sid": sid,
+        "seq": None,
+        "recipients": world.recipients,
+        "message_id": world.message_id(sid),
+        "attempts": 1,
+    } == sent
+
+
+async def test_hit_email_sent_event_names_the_hit(env: Env, smtp: SmtpServer):
+    world = await configure(env, smtp)
+    sid = await world.new_ticket()
+    await world.ok("ticket.ack", {"sid": sid})
+    await world.ok("hit.new", {"sid": sid, "hit": {"summary": "silent"}})
+    await world.ok("ticket.unack", {"sid": sid})
+
+    await world.ok("hit.new", {"sid": sid, "hit": {"summary": "emailed"}})
+
+    events = await world.env.client.wait_events("email.sent", 2)
+    assert {None, 2} == {event["data"]["seq"] for event in events}
+
+
+# --- transient failures: retried ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("script", "attempts"),
+    [
+        ({"DATA": ["451 4.3.0 try again later"] * 2}, 3),
+        ({"DATA": [DROP]}, 2),
+        ({"MAIL": ["421 4.7.0 too busy, closing"]}, 2),
+        ({"RCPT": ["452 4.2.2 mailbox full"]}, 2),
+    ],
+    ids=["451-twice-at-DATA", "dropped-mid-DATA", "421-at-MAIL", "452-at-RCPT"],
+)
+async def test_transient_failure_is_retried_until_delivered(
+    env: Env, script: dict[str, list[str]], attempts: int
+):
+    async with SmtpServer(script=script) as smtp:
+        world = await configure(env, smtp)
+        sid = await world.new_ticket()
+
+        sent = await outcome(world, "email.sent")
+
+        assert 1 == len(smtp.messages)
+    assert attempts == sent["attempts"]
+    assert {"status": "sent", "attempts": attempts, "last_error": None} == (
+        await world.ticket(sid)
+    )["delivery"]
+
+
+@pytest.mark.parametrize(
+    ("script", "error"),
+    [
+        ({"DATA": itertools.repeat("451 4.3.0 try again later")}, "451 4.3.0 try again later"),
+        ({"DATA": itertools.repeat(DROP)}, "connection closed by the server"),
+    ],
+    ids=["always-451", "always-dropped"],
+)
+async def test_transient_failures_past_the_last_retry_fail_for_good(
+    env: Env, script: dict[str, Any], error: str
+):
+    async with SmtpServer(script=script) as smtp:
+        world = await configure(env, smtp)
+        sid = await world.new_ticket()
+
+        failed = await outcome(world, "email.failed")
+
+    assert FAILED_KEYS == set(failed)
+    assert (sid, None, ATTEMPTS, False) == (
+        failed["sid"],
+        failed["seq"],
+        failed["attempts"],
+        failed["permanent"],
+    )
+    assert error in failed["error"]
+    assert {"status": "failed", "attempts": ATTEMPTS, "last_error": failed["error"]} == (
+        await world.ticket(sid)
+    )["delivery"]
+
+
+async def test_refused_connection_is_retried_then_fails_for_good(env: Env, smtp: SmtpServer):
+    world = await configure(env, smtp, options={"host": "127.0.0.1", "port": closed_port()})
+    await world.new_ticket()
+
+    failed = await outcome(world, "email.failed")
+
+    assert ("connection refused", ATTEMPTS, False) == (
+        failed["error"],
+        failed["attempts"],
+        failed["permanent"],
+    )
+
+
+# --- permanent failures: at once ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("script", "error"),
+    [
+        ({"DATA": itertools.repeat("550 5.7.1 rejected")}, "550 5.7.1 rejected"),
+        ({"MAIL": itertools.repeat("553 5.1.8 bad sender")}, "553 5.1.8 bad sender"),
+        ({"RCPT": itertools.repeat("550 5.1.1 no such user")}, "550 5.1.1 no such user"),
+    ],
+    ids=["550-at-DATA", "553-at-MAIL", "550-at-RCPT"],
+)
+async def test_permanent_failure_fails_at_once(env: Env, script: dict[str, Any], error: str):
+    async with SmtpServer(script=script) as smtp:
+        world = await configure(env, smtp)
+        sid = await world.new_ticket()
+
+        failed = await outcome(world, "email.failed")
+
+        assert [] == smtp.messages
+    assert (1, True) == (failed["attempts"], failed["permanent"])
+    assert error in failed["error"]
+    assert {"status": "failed", "attempts": 1, "last_error": failed["error"]} == (
+        await world.ticket(sid)
+    )["delivery"]
+
+
+async def test_one_refused_recipient_sends_to_none(env: Env):
+    async with SmtpServer(script={"RCPT": [None, "550 5.1.1 no such user"]}) as smtp:
+        world = await configure(env, smtp)
+        await world.new_ticket()
+
+        failed = await outcome(world, "email.failed")
+
+        assert [] == smtp.messages
+    assert "ops@example.org" in failed["error"]
+
+
+# --- TLS and login ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tls", "auth"),
+    [("implicit", None), ("starttls", ("relay-user", "s3cret-relay-pass"))],
+    # The STARTTLS server allows AUTH only over TLS: a delivery proves the upgrade happened.
+    ids=["implicit", "starttls"],
+)
+async def test_tls_relay_with_a_self_signed_certificate_delivers(
+    env: Env, tls: Tls, auth: tuple[str, str] | None
+):
+    async with SmtpServer(tls=tls, auth=auth) as smtp:
+        world = await configure(env, smtp)
+
+        await world.new_ticket()
+
+        assert 1 == len(await smtp.wait_for(1))
+
+
+@pytest.mark.parametrize(
+    ("tls", "starttls"),
+    [("implicit", "auto"), ("starttls", "auto"), ("starttls", "always")],
+    ids=["implicit", "starttls-auto", "starttls-always"],
+)
+async def test_tls_relay_with_an_untrusted_certificate_fails_for_good(
+    env: Env, tls: Tls, starttls: str
+):
+    async with SmtpServer(tls=tls) as smtp:
+        options = relay_options(smtp, tls={"rejectUnauthorized": True}, starttls=starttls)
+        world = await configure(env, smtp, options=options)
+        await world.new_ticket()
+
+        failed = await outcome(world, "email.failed")
+
+        assert [] == smtp.messages
+    assert (1, True) == (failed["attempts"], failed["permanent"])
+    assert "certificate" in failed["error"]
+
+
+async def test_starttls_always_fails_for_good_on_a_relay_without_it(env: Env, smtp: SmtpServer):
+    world = await configure(env, smtp, options=relay_options(smtp, starttls="always"))
+    await world.new_ticket()
+
+    failed = await outcome(world, "email.failed")
+
+    assert (1, True) == (failed["attempts"], failed["permanent"])
+    assert [] == smtp.messages
+
+
+async def test_relay_that_needs_a_login_delivers(env: Env):
+    async with SmtpServer(auth=("relay-user", "s3cret-relay-pass")) as smtp:
+        world = await configure(env, smtp)
+
+        await world.new_ticket()
+
+        assert 1 == len(await smtp.wait_for(1))
+
+
+async def test_rejected_login_fails_at_once(env: Env):
+    async with SmtpServer(auth=("relay-user", "s3cret-relay-pass")) as smtp:
+        options = relay_options(smtp, auth={"user": "relay-user", "pass": "wrong-relay-pass"})
+        world = await configure(env, smtp, options=options)
+        await world.new_ticket()
+
+        failed = await outcome(world, "email.failed")
+
+        assert [] == smtp.messages
+    assert (1, True) == (failed["attempts"], failed["permanent"])
+    assert "wrong-relay-pass" not in failed["error"]
+
+
+# --- connections --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_500_emails_to_one_relay_open_a_handful_of_connections(env: Env, smtp: SmtpServer):
+    world = await configure(env, smtp, recipients=["oncall@example.com"], limits=BIG_LIMITS)
+
+    await asyncio.gather(*(world.new_ticket(f"alert {n}") for n in range(500)))
+
+    await smtp.wait_for(500, timeout=60)
+    assert smtp.connections <= 10, f"{smtp.connections} connections for 500 emails"
+
+
+async def test_relay_dropping_idle_connections_still_gets_the_next_email(
+    env: Env, smtp: SmtpServer
+):
+    world = await configure(env, smtp)
+    await world.new_ticket("first")
+    await smtp.wait_for(1)
+
+    smtp.drop_connections()
+    await smtp.wait_closed()
+    sid = await world.new_ticket("second")
+
+    await smtp.wait_for(2)
+    assert 1 == (await world.ticket(sid))["delivery"]["attempts"]
+
+
+# --- redelivery ---------------------------------------------------------------------------------
+
+
+async def test_redelivered_job_of_a_sent_email_is_not_sent_again(env: Env, smtp: SmtpServer):
+    world = await configure(env, smtp)
+    sid = await world.new_ticket()
+    await outcome(world, "email.sent")
+    (email_id,) = await world.email_ids(sid)
+    seen = len(LOG_LINES)
+
+    await env.client.channel.default_exchange.publish(
+        aio_pika.Message(json.dumps({"email_id": email_id}).encode()),
+        routing_key=env.client.names.deliveries,
+    )
+
+    async def processed() -> bool:
+        return any(_is_done(line, email_id) for line in LOG_LINES[seen:])
+
+    await eventually(processed)
+    assert 1 == len(smtp.messages)
+    assert {"status": "sent", "attempts": 1, "last_error": None} == (await world.ticket(sid))[
+        "delivery"
+    ]
+
+
+def _is_done(line: str, email_id: str) -> bool:
+    """True for the log line of the delivery consumer leaving `email_id` alone: already done."""
+    record = json.loads(line)
+    return (record.get("event"), record.get("email_id"), record.get("outcome")) == (
+        "email.processed",
+        email_id,
+        "done",
+    )
