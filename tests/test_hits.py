@@ -227,6 +227,19 @@ async def test_dedup_key_repeats_send_three_threaded_emails(world: World):
     assert ["Re: [ops] Disk full 0", "Re: [ops] Disk full 0", "[ops] Disk full 0"] == subjects
 
 
+async def test_concurrent_repeats_of_one_dedup_key_open_one_ticket(world: World):
+    replies = await asyncio.gather(
+        *(
+            world.ok("ticket.new", world.ticket_data(f"Disk full {n}", dedup_key="disk:/var"))
+            for n in range(10)
+        )
+    )
+
+    (sid,) = {reply["sid"] for reply in replies}
+    assert [True] + [False] * 9 == sorted((r["created"] for r in replies), reverse=True)
+    assert (1, 9) == (await world.stored("tickets"), (await world.ticket(sid))["hit_count"])
+
+
 async def test_dedup_key_of_a_closed_ticket_opens_a_new_ticket(world: World):
     first = await world.new_ticket(dedup_key="disk:/var")
     await world.ok("ticket.close", {"sid": first})
