@@ -11,6 +11,7 @@
 | passing fault, unexpected error            | none           | reject with requeue       |
 | ... on its last delivery attempt           | GeneralError   | reject, no requeue: P.dead|
 | the reply or an event cannot be published  | none           | left unacked: redelivered |
+| its channel closed while it ran            | none (not yet) | back in the queue already |
 | a bug in this module (it must not happen)  | none           | reject with requeue       |
 """
 
@@ -26,6 +27,7 @@ from typing import Any
 import pydantic
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.exceptions import ChannelInvalidStateError
 from pydantic_core import to_json
 
 from schemas import COMMANDS, CommandBody, command_adapter
@@ -297,6 +299,12 @@ class CommandConsumer:
             await self._settle(message.reject(requeue=False))
             return "dead-lettered"
 
+        if _returned(message):
+            # Its channel closed while the command ran (the broker connection dropped): the broker
+            # has put the message back, and the next delivery publishes the recorded results.
+            # Publishing them now as well would only send the reply, events and emails twice.
+            log.warning("command.returned")
+            return "returned"
         try:
             await self._publish(meta, type_, result)
         except BrokerUnavailable:
@@ -465,6 +473,15 @@ class CommandConsumer:
             async with self.store.transaction() as conn:
                 await self._record(conn, principal, meta, type_, reply, effects, now)
         return Result(reply, effects, "refused", "error")
+
+
+def _returned(message: AbstractIncomingMessage) -> bool:
+    """Whether the message's channel has closed, which gives every unacked message back."""
+    try:
+        message.channel  # noqa: B018 - raises once the channel is closed
+    except ChannelInvalidStateError:
+        return True
+    return False
 
 
 def _status(reply: bytes) -> str:
