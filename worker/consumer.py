@@ -38,6 +38,7 @@ from worker.errors import (
     AuthenticationError,
     BrokerUnavailable,
     CommandError,
+    CommitUnknown,
     ConcurrentWrite,
     StoreUnavailable,
     UnreadableMessage,
@@ -369,10 +370,11 @@ class CommandConsumer:
                 conflicts += 1
                 if conflicts > CONCURRENT_WRITE_RETRIES:
                     raise
-            except StoreUnavailable:
-                # The store may have committed before the connection broke, without saying so:
-                # the next attempt may find this message's own record, its effects unpublished.
-                maybe_done = True
+            except StoreUnavailable as exc:
+                # A commit the store may have done without saying so: the next attempt may find
+                # this message's own record, its effects unpublished. After any other outage, a
+                # record found is a concurrent duplicate's, which publishes them itself.
+                maybe_done = maybe_done or isinstance(exc, CommitUnknown)
                 delay = next(backoff, None)
                 if delay is None:
                     raise

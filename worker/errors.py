@@ -12,6 +12,7 @@
     │                             error reply, reject without requeue (lands in `P.dead`)
     ├── TransientError .......... a passing fault: retried, then requeued
     │   ├── StoreUnavailable
+    │   │   └── CommitUnknown ... the connection broke during COMMIT: done or not, unknown
     │   ├── ConcurrentWrite ..... a unique violation or serialization failure: retried at once
     │   ├── BrokerUnavailable
     │   └── SmtpTransientError .. 4xx, refused or dropped connection, timeout
@@ -92,6 +93,10 @@ class TransientError(WorkerError):
 
 class StoreUnavailable(TransientError):
     pass
+
+
+class CommitUnknown(StoreUnavailable):
+    """The store became unavailable while committing: the transaction may have been committed."""
 
 
 class ConcurrentWrite(TransientError):

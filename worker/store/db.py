@@ -20,7 +20,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
-from worker.errors import ConcurrentWrite, StoreUnavailable
+from worker.errors import CommitUnknown, ConcurrentWrite, StoreUnavailable
 
 # PostgreSQL: serialization_failure, deadlock_detected.
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
@@ -98,15 +98,22 @@ class Store:
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
-        """One transaction; database errors leave it as StoreUnavailable or ConcurrentWrite."""
+        """One transaction; database errors leave it as StoreUnavailable or ConcurrentWrite.
+
+        CommitUnknown when the store becomes unavailable during COMMIT: it may have committed.
+        """
         lock = self._lock or contextlib.nullcontext()
+        committing = False
         try:
             async with lock, self.engine.begin() as conn:
                 yield conn
+                committing = True
         except Exception as exc:
             ours = translate_error(exc)
             if ours is None:
                 raise
+            if committing and isinstance(ours, StoreUnavailable):
+                ours = CommitUnknown("the store became unavailable during commit")
             raise ours from exc
 
     async def close(self) -> None:
