@@ -18,7 +18,7 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aio_pika
@@ -49,8 +49,12 @@ class Driver:
             future.set_result(message.body)
 
     async def run(
-        self, exchange: aio_pika.abc.AbstractExchange, routing_key: str,
-        bodies: Callable[[int], bytes], requests: int, in_flight: int,
+        self,
+        exchange: aio_pika.abc.AbstractExchange,
+        routing_key: str,
+        bodies: Callable[[int], bytes],
+        requests: int,
+        in_flight: int,
     ) -> tuple[float, int]:
         semaphore = asyncio.Semaphore(in_flight)
         errors = 0
@@ -63,8 +67,11 @@ class Driver:
                 self.pending[correlation_id] = future
                 await exchange.publish(
                     aio_pika.Message(
-                        bodies(i), message_id=correlation_id, correlation_id=correlation_id,
-                        reply_to=self.reply_queue, content_type="application/json",
+                        bodies(i),
+                        message_id=correlation_id,
+                        correlation_id=correlation_id,
+                        reply_to=self.reply_queue,
+                        content_type="application/json",
                     ),
                     routing_key,
                 )
@@ -77,8 +84,13 @@ class Driver:
         return requests / (time.perf_counter() - started), errors
 
 
-async def echo_baseline(connection: aio_pika.abc.AbstractConnection, prefix: str,
-                        driver: Driver, requests: int, in_flight: int) -> float:
+async def echo_baseline(
+    connection: aio_pika.abc.AbstractConnection,
+    prefix: str,
+    driver: Driver,
+    requests: int,
+    in_flight: int,
+) -> float:
     server = await connection.channel(publisher_confirms=True)
     await server.set_qos(prefetch_count=256)
     queue = await server.declare_queue(
@@ -87,15 +99,19 @@ async def echo_baseline(connection: aio_pika.abc.AbstractConnection, prefix: str
 
     async def echo(message: aio_pika.abc.AbstractIncomingMessage) -> None:
         await server.default_exchange.publish(
-            aio_pika.Message(message.body, correlation_id=message.correlation_id,
-                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            aio_pika.Message(
+                message.body,
+                correlation_id=message.correlation_id,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
             message.reply_to or "",
         )
         await message.ack()
 
     tag = await queue.consume(echo)
-    rate, _ = await driver.run(server.default_exchange, queue.name, lambda i: b"{}", requests,
-                               in_flight)
+    rate, _ = await driver.run(
+        server.default_exchange, queue.name, lambda i: b"{}", requests, in_flight
+    )
     await queue.cancel(tag)
     await queue.delete(if_unused=False, if_empty=False)
     await server.close()
@@ -112,19 +128,33 @@ async def _owner(worker: Worker) -> dict[str, str]:
 
     owner_id, token = new_id(), new_token()
     async with worker.store.transaction() as conn:
-        await conn.execute(insert(owners).values(
-            id=owner_id, name="bench", token_hash=worker.keyring.hash(token),
-            created_at=datetime.now(UTC)))
+        await conn.execute(
+            insert(owners).values(
+                id=owner_id,
+                name="bench",
+                token_hash=worker.keyring.hash(token),
+                created_at=datetime.now(UTC),
+            )
+        )
     return {"owner_id": owner_id, "token": token}
 
 
 async def scenario(
-    name: str, database_url: str, driver: Driver, connection: aio_pika.abc.AbstractConnection,
-    requests: int, in_flight: int,
+    name: str,
+    database_url: str,
+    driver: Driver,
+    connection: aio_pika.abc.AbstractConnection,
+    requests: int,
+    in_flight: int,
 ) -> dict[str, float]:
     prefix = f"bench{uuid.uuid4().hex[:8]}"
-    settings = Settings(amqp_url=AMQP_URL, database_url=database_url, prefix=prefix,
-                        secret_key="bench-" + uuid.uuid4().hex, log_level="WARNING")
+    settings = Settings(
+        amqp_url=AMQP_URL,
+        database_url=database_url,
+        prefix=prefix,
+        secret_key="bench-" + uuid.uuid4().hex,
+        log_level="WARNING",
+    )
     worker = Worker(settings, ("settings", "tickets", "hits"))
     await worker.start()
     channel = await connection.channel()
@@ -132,13 +162,24 @@ async def scenario(
     owner = await _owner(worker)
     call = _Caller(driver, exchange)
     domain = f"{prefix}.example.com"
-    await call.ok("settings.email.create", owner, {
-        "domain": domain, "provider": "smtp", "from": f"alerts@{domain}",
-        "options": {"host": "127.0.0.1", "port": 2525}})
-    await call.ok("settings.channel.put", owner, {
-        "name": "ops", "domain": domain, "recipients": ["oncall@example.com"]})
-    user = await call.ok("settings.smtp_user.add", owner,
-                         {"total_limit": 10**9, "hourly_limit": 10**9})
+    await call.ok(
+        "settings.email.create",
+        owner,
+        {
+            "domain": domain,
+            "provider": "smtp",
+            "from": f"alerts@{domain}",
+            "options": {"host": "127.0.0.1", "port": 2525},
+        },
+    )
+    await call.ok(
+        "settings.channel.put",
+        owner,
+        {"name": "ops", "domain": domain, "recipients": ["oncall@example.com"]},
+    )
+    user = await call.ok(
+        "settings.smtp_user.add", owner, {"total_limit": 10**9, "hourly_limit": 10**9}
+    )
     user_auth = {"login": user["smtp_user_name"], "password": user["smtp_password"]}
 
     def body(type_: str, auth: Any, data: Callable[[int], Any]) -> Callable[[int], bytes]:
@@ -147,11 +188,16 @@ async def scenario(
     results = {}
     for label, type_, auth, data in (
         ("settings.channel.get", "settings.channel.get", owner, lambda i: {"name": "ops"}),
-        ("ticket.new", "ticket.new", user_auth,
-         lambda i: {"channel": "ops", "ticket": {"title": f"alert {i}", "body": "b"}}),
+        (
+            "ticket.new",
+            "ticket.new",
+            user_auth,
+            lambda i: {"channel": "ops", "ticket": {"title": f"alert {i}", "body": "b"}},
+        ),
     ):
-        rate, errors = await driver.run(exchange, type_, body(type_, auth, data), requests,
-                                        in_flight)
+        rate, errors = await driver.run(
+            exchange, type_, body(type_, auth, data), requests, in_flight
+        )
         assert errors == 0, f"{errors} error replies in {label}"
         results[f"{name} {label}"] = rate
     await channel.close()
@@ -175,9 +221,14 @@ class _Caller:
         correlation_id = uuid.uuid4().hex
         future = asyncio.get_running_loop().create_future()
         self.driver.pending[correlation_id] = future
-        await self.exchange.publish(aio_pika.Message(
-            json.dumps({"type": type_, "auth": auth, "data": data}).encode(),
-            correlation_id=correlation_id, reply_to=self.driver.reply_queue), type_)
+        await self.exchange.publish(
+            aio_pika.Message(
+                json.dumps({"type": type_, "auth": auth, "data": data}).encode(),
+                correlation_id=correlation_id,
+                reply_to=self.driver.reply_queue,
+            ),
+            type_,
+        )
         reply = json.loads(await asyncio.wait_for(future, 30))
         assert reply["status"] == "success", reply
         return reply["data"]
@@ -198,18 +249,22 @@ async def main(requests: int, in_flight: int, rounds: int, stores: list[str]) ->
         urls = {"sqlite": f"sqlite+aiosqlite:///{tmp}/bench.db", "postgres": POSTGRES_URL}
         for _ in range(rounds):
             figures.setdefault("baseline echo", []).append(
-                await echo_baseline(connection, prefix, driver, requests, in_flight))
+                await echo_baseline(connection, prefix, driver, requests, in_flight)
+            )
             for store in stores:
-                for label, rate in (await scenario(store, urls[store], driver, connection,
-                                                   requests, in_flight)).items():
+                for label, rate in (
+                    await scenario(store, urls[store], driver, connection, requests, in_flight)
+                ).items():
                     figures.setdefault(label, []).append(rate)
     await connection.close()
     baseline = statistics.median(figures["baseline echo"])
     print(f"{requests} requests, {in_flight} in flight, {rounds} rounds; median req/s")
     for label, rates in figures.items():
         median = statistics.median(rates)
-        print(f"  {label:40s} {median:8.0f} req/s   {median / baseline:5.2f} x baseline   "
-              f"(rounds: {', '.join(f'{r:.0f}' for r in rates)})")
+        print(
+            f"  {label:40s} {median:8.0f} req/s   {median / baseline:5.2f} x baseline   "
+            f"(rounds: {', '.join(f'{r:.0f}' for r in rates)})"
+        )
 
 
 if __name__ == "__main__":

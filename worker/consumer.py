@@ -308,10 +308,10 @@ class CommandConsumer:
             return "returned"
         try:
             await self._publish(meta, type_, result)
-        except BrokerUnavailable:
+        except BrokerUnavailable as exc:
             # Without its reply the command is not done; the broker will deliver it again (its
             # channel is most likely gone), and idempotency answers with the stored reply.
-            log.warning("command.publish_failed")
+            log.warning("command.publish_failed", cause=repr(exc.__cause__))
             await self._settle(message.reject(requeue=True))
             return "requeued"
         await self._settle(message.ack())
