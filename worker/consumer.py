@@ -10,7 +10,7 @@
 | unreadable (not JSON/object, too large…)   | ValidationError| reject, no requeue: P.dead|
 | passing fault, unexpected error            | none           | reject with requeue       |
 | ... on its last delivery attempt           | GeneralError   | reject, no requeue: P.dead|
-| the reply or an event cannot be published  | none           | left unacked: redelivered |
+| the reply or an event cannot be published  | none           | reject with requeue       |
 | its channel closed while it ran            | none (not yet) | back in the queue already |
 | a bug in this module (it must not happen)  | none           | reject with requeue       |
 """
