@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
 from pydantic_core import to_json
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schemas.envelope import OwnerAuth, UserAuth
@@ -124,6 +124,9 @@ def command(
     return register
 
 
+_USER_LOGIN = select(smtp_users.c.owner_id, smtp_users.c.password_hash, smtp_users.c.status).where(
+    smtp_users.c.name == bindparam("name")
+)
 # An owner's token never changes (there is no command to rotate it), so its hash is read once.
 # SMTP user passwords are not cached: a reset must stop the old password at once, everywhere.
 _OWNER_TOKEN_HASHES: dict[str, str] = {}
@@ -147,13 +150,7 @@ async def authenticate(
             raise AuthenticationError()
         return Principal(auth.owner_id)
     assert isinstance(auth, UserAuth)
-    user = (
-        await conn.execute(
-            select(smtp_users.c.owner_id, smtp_users.c.password_hash, smtp_users.c.status).where(
-                smtp_users.c.name == auth.login
-            )
-        )
-    ).first()
+    user = (await conn.execute(_USER_LOGIN, {"name": auth.login})).first()
     if not keyring.verify(auth.password, user.password_hash if user else "") or user is None:
         raise AuthenticationError()
     if user.status != "Enable":

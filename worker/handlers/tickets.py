@@ -14,7 +14,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, case, insert, select, update
+from sqlalchemy import and_, bindparam, case, insert, select, update
 from sqlalchemy.engine import Row
 
 from schemas import tickets as t
@@ -63,24 +63,50 @@ async def _own_tickets(ctx: Context, sids: list[str]) -> dict[str, Row[Any]]:
     return found
 
 
+# The hot statements are built once, with bound parameters: SQLAlchemy then neither constructs
+# nor keys them again for every command.
+_sent_this_hour = case(
+    (smtp_users.c.sent_hour == bindparam("hour"), smtp_users.c.hourly_sent), else_=0
+)
+_COUNT_EMAILS = (
+    update(smtp_users)
+    .where(
+        smtp_users.c.name == bindparam("user"),
+        smtp_users.c.total_sent + bindparam("count") <= smtp_users.c.total_limit,
+        _sent_this_hour + bindparam("count") <= smtp_users.c.hourly_limit,
+    )
+    .values(
+        total_sent=smtp_users.c.total_sent + bindparam("count"),
+        hourly_sent=_sent_this_hour + bindparam("count"),
+        sent_hour=bindparam("hour"),
+    )
+)
+_CHANNEL_WITH_SETTINGS = (
+    select(channels, email_settings.c.id.label("settings_id"))
+    .outerjoin(
+        email_settings,
+        and_(
+            email_settings.c.domain == channels.c.domain,
+            email_settings.c.owner_id == channels.c.owner_id,
+        ),
+    )
+    .where(channels.c.owner_id == bindparam("owner"), channels.c.name == bindparam("channel"))
+)
+_OPEN_TICKET_BY_DEDUP_KEY = select(tickets).where(
+    tickets.c.owner_id == bindparam("owner"),
+    tickets.c.channel == bindparam("channel"),
+    tickets.c.dedup_key == bindparam("dedup_key"),
+    tickets.c.status != "closed",
+)
+_NEW_TICKET = insert(tickets)
+_NEW_EMAIL = insert(emails)
+
+
 async def _consume_quota(ctx: Context, count: int) -> None:
     """Counts `count` emails against the sender's limits, or refuses with QuotaExceeded."""
     name = ctx.principal.user
     hour = int(ctx.now.timestamp()) // 3600
-    sent_this_hour = case((smtp_users.c.sent_hour == hour, smtp_users.c.hourly_sent), else_=0)
-    result = await ctx.conn.execute(
-        update(smtp_users)
-        .where(
-            smtp_users.c.name == name,
-            smtp_users.c.total_sent + count <= smtp_users.c.total_limit,
-            sent_this_hour + count <= smtp_users.c.hourly_limit,
-        )
-        .values(
-            total_sent=smtp_users.c.total_sent + count,
-            hourly_sent=sent_this_hour + count,
-            sent_hour=hour,
-        )
-    )
+    result = await ctx.conn.execute(_COUNT_EMAILS, {"user": name, "count": count, "hour": hour})
     if result.rowcount == 1:
         return
     user = (await ctx.conn.execute(select(smtp_users).where(smtp_users.c.name == name))).one()
@@ -117,18 +143,21 @@ async def _queue_email(
     ctx.run_last(count)
     email_id = new_id()
     await ctx.conn.execute(
-        insert(emails).values(
-            id=email_id,
-            owner_id=ctx.owner_id,
-            sid=sid,
-            seq=seq,
-            domain=domain,
-            recipients=recipients,
-            status="pending",
-            attempts=0,
-            created_at=ctx.now,
-            updated_at=ctx.now,
-        )
+        _NEW_EMAIL,
+        {
+            "id": email_id,
+            "owner_id": ctx.owner_id,
+            "sid": sid,
+            "seq": seq,
+            "domain": domain,
+            "recipients": recipients,
+            "status": "pending",
+            "attempts": 0,
+            "lease_until": None,
+            "last_error": None,
+            "created_at": ctx.now,
+            "updated_at": ctx.now,
+        },
     )
     if seq is not None:
         await ctx.conn.execute(
@@ -142,17 +171,7 @@ async def _queue_email(
 async def _channel_with_settings(ctx: Context, name: str) -> Row[Any]:
     """The owner's channel, whose domain must still have the owner's email settings."""
     channel = (
-        await ctx.conn.execute(
-            select(channels, email_settings.c.id.label("settings_id"))
-            .outerjoin(
-                email_settings,
-                and_(
-                    email_settings.c.domain == channels.c.domain,
-                    email_settings.c.owner_id == channels.c.owner_id,
-                ),
-            )
-            .where(channels.c.owner_id == ctx.owner_id, channels.c.name == name)
-        )
+        await ctx.conn.execute(_CHANNEL_WITH_SETTINGS, {"owner": ctx.owner_id, "channel": name})
     ).first()
     if channel is None:
         raise NotFound("channel", [name])
@@ -190,12 +209,8 @@ async def new_ticket(ctx: Context, data: t.TicketNew) -> t.TicketCreated:
     if new.dedup_key is not None:
         open_ticket = (
             await ctx.conn.execute(
-                select(tickets).where(
-                    tickets.c.owner_id == ctx.owner_id,
-                    tickets.c.channel == data.channel,
-                    tickets.c.dedup_key == new.dedup_key,
-                    tickets.c.status != "closed",
-                )
+                _OPEN_TICKET_BY_DEDUP_KEY,
+                {"owner": ctx.owner_id, "channel": data.channel, "dedup_key": new.dedup_key},
             )
         ).first()
         if open_ticket is not None:
@@ -223,7 +238,7 @@ async def new_ticket(ctx: Context, data: t.TicketNew) -> t.TicketCreated:
         "delivery_last_error": None,
     }
     # The unique index on open dedup keys turns a concurrent twin into a retry that folds.
-    await ctx.conn.execute(insert(tickets).values(**values))
+    await ctx.conn.execute(_NEW_TICKET, values)
     await _queue_email(ctx, sid, None, channel.domain, channel.recipients)
     ctx.emit(
         "ticket.created",

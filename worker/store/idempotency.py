@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import bindparam, delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from worker.handlers.base import Effect
@@ -19,18 +19,23 @@ class Processed:
     effects: list[Effect]
 
 
+# Built once: SQLAlchemy then skips constructing and keying the statement on every command.
+_KEY = (pc.c.owner_id == bindparam("owner_id"), pc.c.message_id == bindparam("message_id"))
+_FIND = select(pc.c.reply, pc.c.effects, pc.c.expires_at).where(*_KEY)
+_FORGET = delete(pc).where(*_KEY)
+_RECORD = insert(pc)
+
+
 async def find(
     conn: AsyncConnection, owner_id: str, message_id: str, now: datetime
 ) -> Processed | None:
-    where = (pc.c.owner_id == owner_id, pc.c.message_id == message_id)
-    row = (
-        await conn.execute(select(pc.c.reply, pc.c.effects, pc.c.expires_at).where(*where))
-    ).first()
+    key = {"owner_id": owner_id, "message_id": message_id}
+    row = (await conn.execute(_FIND, key)).first()
     if row is None:
         return None
     if row.expires_at <= now:
         # Forgotten: clear the way for this command's own record (the sweeper may be late).
-        await conn.execute(delete(pc).where(*where))
+        await conn.execute(_FORGET, key)
         return None
     return Processed(row.reply.encode(), [Effect.load(e) for e in json.loads(row.effects)])
 
@@ -47,14 +52,15 @@ async def record(
     ttl: float,
 ) -> None:
     await conn.execute(
-        insert(pc).values(
-            owner_id=owner_id,
-            message_id=message_id,
-            type=type_,
-            reply=reply.decode(),
-            effects=json.dumps([e.dump() for e in effects]),
-            expires_at=now + timedelta(seconds=ttl),
-        )
+        _RECORD,
+        {
+            "owner_id": owner_id,
+            "message_id": message_id,
+            "type": type_,
+            "reply": reply.decode(),
+            "effects": json.dumps([e.dump() for e in effects]),
+            "expires_at": now + timedelta(seconds=ttl),
+        },
     )
 
 
