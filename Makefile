@@ -9,7 +9,7 @@ SMTP_WORKER_TEST_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
 SMTP_WORKER_TEST_POSTGRES_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/postgres
 export SMTP_WORKER_TEST_AMQP_URL SMTP_WORKER_TEST_POSTGRES_URL
 
-.PHONY: install run test test-fast lint bench soak clean
+.PHONY: install run test test-fast cov lint bench soak clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ run: install
 
 ## Lint, type-check, and run every test (faults included) against real services.
 test: install lint
+	$(BIN)/pytest
+
+## The same tests with branch coverage (slower).
+cov: install
 	$(BIN)/pytest --cov --cov-report=term:skip-covered
 
 ## The tests without the fault-injection suite.
