@@ -25,6 +25,9 @@ log = structlog.get_logger("worker.app")
 
 ALL_QUEUES = (*COMMAND_QUEUES, "deliveries")
 SWEEP_EVERY = 300.0
+# Emails in flight per worker. Each is leased while it waits for one of the pool's few
+# connections per relay; a small prefetch keeps that wait well inside the lease.
+DELIVERY_PREFETCH = 32
 
 
 def keyring_for(settings: Settings) -> Keyring:
@@ -88,7 +91,7 @@ class Worker:
 
         self.delivery = DeliveryConsumer(self.settings, self.store, self.broker, self.keyring)
         await self.broker.consume(
-            "deliveries", self._tracked(self.delivery), self.settings.prefetch
+            "deliveries", self._tracked(self.delivery), DELIVERY_PREFETCH
         )
 
     async def _sweep(self) -> None:

@@ -92,8 +92,13 @@ class Store:
                 hide_parameters=True,
                 pool_size=10,
                 max_overflow=20,
-                pool_timeout=10,
+                # Hundreds of prefetched commands share these connections: waiting for one is
+                # load, not an outage, so the wait is long before it counts as one.
+                pool_timeout=30,
                 pool_recycle=1800,
+                # A store that goes silent without closing the connection must not hang a
+                # command forever: past this, the statement fails and the command is retried.
+                connect_args={"command_timeout": 30},
             )
 
     @contextlib.asynccontextmanager
