@@ -78,6 +78,8 @@ class Driver:
                 body = await asyncio.wait_for(future, 60)
                 if b'"status":"error"' in body:
                     errors += 1
+                    if errors == 1:
+                        print("first error reply:", body.decode()[:300])
 
         started = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(requests)))
@@ -213,6 +215,29 @@ async def scenario(
     return results
 
 
+async def _create_database(admin_url: str) -> str:
+    """A new database for the run, so the worker migrates a schema of its own."""
+    from sqlalchemy import text  # noqa: PLC0415
+    from sqlalchemy.ext.asyncio import create_async_engine  # noqa: PLC0415
+
+    name = f"smtpw_bench_{uuid.uuid4().hex[:12]}"
+    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    async with engine.connect() as conn:
+        await conn.execute(text(f'CREATE DATABASE "{name}"'))
+    await engine.dispose()
+    return admin_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+async def _drop_database(admin_url: str, url: str) -> None:
+    from sqlalchemy import text  # noqa: PLC0415
+    from sqlalchemy.ext.asyncio import create_async_engine  # noqa: PLC0415
+
+    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    async with engine.connect() as conn:
+        await conn.execute(text(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)'))
+    await engine.dispose()
+
+
 class _Caller:
     def __init__(self, driver: Driver, exchange: aio_pika.abc.AbstractExchange) -> None:
         self.driver, self.exchange = driver, exchange
@@ -245,8 +270,9 @@ async def main(requests: int, in_flight: int, rounds: int, stores: list[str]) ->
     await reply_queue.consume(driver.on_reply, no_ack=True)
     figures: dict[str, list[float]] = {}
     prefix = f"bench{uuid.uuid4().hex[:8]}"
+    database = await _create_database(POSTGRES_URL) if "postgres" in stores else None
     with tempfile.TemporaryDirectory() as tmp:
-        urls = {"sqlite": f"sqlite+aiosqlite:///{tmp}/bench.db", "postgres": POSTGRES_URL}
+        urls = {"sqlite": f"sqlite+aiosqlite:///{tmp}/bench.db", "postgres": database or ""}
         for _ in range(rounds):
             figures.setdefault("baseline echo", []).append(
                 await echo_baseline(connection, prefix, driver, requests, in_flight)
@@ -257,6 +283,8 @@ async def main(requests: int, in_flight: int, rounds: int, stores: list[str]) ->
                 ).items():
                     figures.setdefault(label, []).append(rate)
     await connection.close()
+    if database is not None:
+        await _drop_database(POSTGRES_URL, database)
     baseline = statistics.median(figures["baseline echo"])
     print(f"{requests} requests, {in_flight} in flight, {rounds} rounds; median req/s")
     for label, rates in figures.items():
