@@ -51,6 +51,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from benchmarks.databases import create_database, drop_database
 from worker.broker import COMMAND_QUEUES, Names
 from worker.config import Settings
 
@@ -371,23 +372,6 @@ class Mix:
 # --- the run --------------------------------------------------------------------------------------
 
 
-async def create_database(admin_url: str) -> str:
-    name = f"soak_{uuid.uuid4().hex[:12]}"
-    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
-    async with engine.connect() as conn:
-        await conn.execute(text(f'CREATE DATABASE "{name}"'))
-    await engine.dispose()
-    return admin_url.rsplit("/", 1)[0] + f"/{name}"
-
-
-async def drop_database(admin_url: str, url: str) -> None:
-    name = url.rsplit("/", 1)[1]
-    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
-    async with engine.connect() as conn:
-        await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    await engine.dispose()
-
-
 async def scalar(engine: AsyncEngine, sql: str) -> int:
     async with engine.connect() as conn:
         return int((await conn.execute(text(sql))).scalar_one())
@@ -437,7 +421,7 @@ class Soak:
         self.procs: list[WorkerProcess] = []
 
     async def __aenter__(self) -> Soak:
-        self.database_url = await create_database(POSTGRES_URL)
+        self.database_url = await create_database(POSTGRES_URL, "smtpw_soak")
         await asyncio.to_thread(self.relay.start)
         self.env = {
             **os.environ,

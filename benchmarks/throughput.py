@@ -24,6 +24,7 @@ from typing import Any
 import aio_pika
 import structlog
 
+from benchmarks.databases import create_database, drop_database
 from worker import logs
 from worker.app import Worker
 from worker.broker import Names
@@ -215,29 +216,6 @@ async def scenario(
     return results
 
 
-async def _create_database(admin_url: str) -> str:
-    """A new database for the run, so the worker migrates a schema of its own."""
-    from sqlalchemy import text  # noqa: PLC0415
-    from sqlalchemy.ext.asyncio import create_async_engine  # noqa: PLC0415
-
-    name = f"smtpw_bench_{uuid.uuid4().hex[:12]}"
-    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
-    async with engine.connect() as conn:
-        await conn.execute(text(f'CREATE DATABASE "{name}"'))
-    await engine.dispose()
-    return admin_url.rsplit("/", 1)[0] + f"/{name}"
-
-
-async def _drop_database(admin_url: str, url: str) -> None:
-    from sqlalchemy import text  # noqa: PLC0415
-    from sqlalchemy.ext.asyncio import create_async_engine  # noqa: PLC0415
-
-    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
-    async with engine.connect() as conn:
-        await conn.execute(text(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)'))
-    await engine.dispose()
-
-
 class _Caller:
     def __init__(self, driver: Driver, exchange: aio_pika.abc.AbstractExchange) -> None:
         self.driver, self.exchange = driver, exchange
@@ -270,7 +248,7 @@ async def main(requests: int, in_flight: int, rounds: int, stores: list[str]) ->
     await reply_queue.consume(driver.on_reply, no_ack=True)
     figures: dict[str, list[float]] = {}
     prefix = f"bench{uuid.uuid4().hex[:8]}"
-    database = await _create_database(POSTGRES_URL) if "postgres" in stores else None
+    database = await create_database(POSTGRES_URL, "smtpw_bench") if "postgres" in stores else None
     with tempfile.TemporaryDirectory() as tmp:
         urls = {"sqlite": f"sqlite+aiosqlite:///{tmp}/bench.db", "postgres": database or ""}
         for _ in range(rounds):
@@ -284,7 +262,7 @@ async def main(requests: int, in_flight: int, rounds: int, stores: list[str]) ->
                     figures.setdefault(label, []).append(rate)
     await connection.close()
     if database is not None:
-        await _drop_database(POSTGRES_URL, database)
+        await drop_database(POSTGRES_URL, database)
     baseline = statistics.median(figures["baseline echo"])
     print(f"{requests} requests, {in_flight} in flight, {rounds} rounds; median req/s")
     for label, rates in figures.items():

@@ -27,8 +27,8 @@ import aio_pika
 import pytest
 import structlog
 from sqlalchemy import insert, text
-from sqlalchemy.ext.asyncio import create_async_engine
 
+from benchmarks.databases import create_database, drop_database
 from worker import logs
 from worker.app import Worker
 from worker.broker import Names
@@ -83,24 +83,6 @@ def postgres_admin_url() -> Iterator[str]:
 
     with PostgresContainer("postgres:16", driver="asyncpg") as container:
         yield container.get_connection_url()
-
-
-async def create_database(admin_url: str) -> str:
-    """A new, empty PostgreSQL database; returns its URL."""
-    name = f"smtpw_test_{uuid.uuid4().hex[:12]}"
-    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
-    async with engine.connect() as conn:
-        await conn.execute(text(f'CREATE DATABASE "{name}"'))
-    await engine.dispose()
-    return admin_url.rsplit("/", 1)[0] + f"/{name}"
-
-
-async def drop_database(admin_url: str, url: str) -> None:
-    name = url.rsplit("/", 1)[1]
-    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
-    async with engine.connect() as conn:
-        await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    await engine.dispose()
 
 
 @pytest.fixture(scope="session")
