@@ -131,7 +131,7 @@ class DeliveryConsumer:
             attempts = job.email.attempts + 1
             if attempts > len(self.settings.retry_delays):
                 return await self._finish(job, "failed", str(exc), permanent=False)
-            await self._with_store(self._record_retry, job.email, attempts, str(exc))
+            await self._record(job.email, "pending", attempts, str(exc))
             await self._publish_job(job.email.id, self.settings.retry_delays[attempts - 1])
             return "retry"
         return await self._finish(job, "sent", None, permanent=False)
@@ -202,25 +202,8 @@ class DeliveryConsumer:
         envelope_sender = parseaddr(settings.sender)[1] or settings.sender
         return Job(email, relay_of(settings, password), envelope_sender, message)
 
-    async def _record_retry(self, email: Row[Any], attempts: int, error: str) -> None:
-        now = datetime.now(UTC)
-        async with self.store.transaction() as conn:
-            await conn.execute(
-                update(emails)
-                .where(emails.c.id == email.id)
-                .values(attempts=attempts, last_error=error, lease_until=None, updated_at=now)
-            )
-            await conn.execute(
-                update(tickets)
-                .where(tickets.c.sid == email.sid)
-                .values(
-                    delivery_status="pending", delivery_attempts=attempts, delivery_last_error=error
-                )
-            )
-
-    async def _finish(self, job: Job, status: str, error: str | None, *, permanent: bool) -> str:
-        email = job.email
-        attempts = email.attempts + 1
+    async def _record(self, email: Row[Any], status: str, attempts: int, error: str | None) -> None:
+        """Writes the email's state, mirrored on its ticket's `delivery`, and frees its lease."""
         now = datetime.now(UTC)
 
         async def write() -> None:
@@ -247,30 +230,18 @@ class DeliveryConsumer:
                 )
 
         await self._with_store(write)
+
+    async def _finish(self, job: Job, status: str, error: str | None, *, permanent: bool) -> str:
+        email = job.email
+        attempts = email.attempts + 1
+        await self._record(email, status, attempts, error)
         updated = email._asdict() | {"status": status, "attempts": attempts, "last_error": error}
         await self._publish_outcome(updated, job.message["Message-ID"], permanent=permanent)
         return status
 
     async def _finish_without_job(self, email: Row[Any], error: str) -> str:
         """An email that cannot be composed (its domain lost its settings): failed for good."""
-        now = datetime.now(UTC)
-        async with self.store.transaction() as conn:
-            await conn.execute(
-                update(emails)
-                .where(emails.c.id == email.id)
-                .values(
-                    status="failed",
-                    attempts=email.attempts,
-                    last_error=error,
-                    lease_until=None,
-                    updated_at=now,
-                )
-            )
-            await conn.execute(
-                update(tickets)
-                .where(tickets.c.sid == email.sid)
-                .values(delivery_status="failed", delivery_last_error=error)
-            )
+        await self._record(email, "failed", email.attempts, error)
         updated = email._asdict() | {"status": "failed", "last_error": error}
         await self._publish_outcome(updated, None, permanent=True)
         return "failed"
