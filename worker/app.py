@@ -90,9 +90,7 @@ class Worker:
         from worker.mail.delivery import DeliveryConsumer  # noqa: PLC0415
 
         self.delivery = DeliveryConsumer(self.settings, self.store, self.broker, self.keyring)
-        await self.broker.consume(
-            "deliveries", self._tracked(self.delivery), DELIVERY_PREFETCH
-        )
+        await self.broker.consume("deliveries", self._tracked(self.delivery), DELIVERY_PREFETCH)
 
     async def _sweep(self) -> None:
         while True:
