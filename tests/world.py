@@ -14,24 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from tests.conftest import Env, unique_domain
+from tests.payloads import relay_options
 from tests.smtp_servers import SmtpServer
 
 RECIPIENTS = ["oncall@example.com", "ops@example.org"]
 BIG_LIMITS = {"total_limit": 1_000_000, "hourly_limit": 1_000_000}
-
-
-def relay_options(smtp: SmtpServer, **overrides: Any) -> dict[str, Any]:
-    """Email settings `options` reaching `smtp`, accepting its self-signed certificate."""
-    options: dict[str, Any] = {
-        "host": smtp.host,
-        "port": smtp.port,
-        "secure": smtp.tls == "implicit",
-        "tls": {"rejectUnauthorized": False},
-        "timeout": 5,
-    }
-    if smtp.auth is not None:
-        options["auth"] = {"user": smtp.auth[0], "pass": smtp.auth[1]}
-    return options | overrides
 
 
 @dataclass
