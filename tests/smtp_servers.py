@@ -223,9 +223,18 @@ class SmtpServer:
         # loop without closing the connections still open, and a client that connected after
         # a single hang-up round (a worker retrying) would leak its transport (ResourceWarning).
         self._controller.loop.call_soon_threadsafe(self._controller.server.close)
+        # A connection accepted just before the close registers a moment later: wait until
+        # none has been open for 50 ms.
         deadline = time.monotonic() + 2.0
-        while self.open_connections and time.monotonic() < deadline:
-            self.drop_connections()
+        quiet_since: float | None = None
+        while time.monotonic() < deadline:
+            if self.open_connections:
+                self.drop_connections()
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > 0.05:
+                break
             time.sleep(0.01)
         self._controller.stop()
 
