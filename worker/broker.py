@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
+import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -83,6 +84,15 @@ def _publish_errors() -> tuple[type[BaseException], ...]:
         asyncio.TimeoutError,
         RuntimeError,
     )
+
+
+async def settle(action: Awaitable[Any], event: str) -> None:
+    """Awaits an ack or reject. On a dead channel it fails, and that is fine: the broker gives
+    every unacked message back by itself, so the failure is logged as `event` and dropped."""
+    try:
+        await action
+    except Exception:  # noqa: BLE001 - see the docstring
+        structlog.get_logger("worker.broker").warning(event)
 
 
 class Broker:

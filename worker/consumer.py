@@ -31,7 +31,7 @@ from aio_pika.exceptions import ChannelInvalidStateError
 from pydantic_core import to_json
 
 from schemas import COMMANDS, CommandBody, command_adapter
-from worker.broker import DELIVERY_LIMIT, Broker
+from worker.broker import DELIVERY_LIMIT, Broker, settle
 from worker.config import Settings
 from worker.errors import (
     GENERAL_ERROR_MESSAGE,
@@ -239,7 +239,7 @@ class CommandConsumer:
             # until the channel closes; requeued, it meets the delivery limit and lands in P.dead.
             log.exception("command.crashed")
             outcome = "crashed"
-            await self._settle(message.reject(requeue=True))
+            await settle(message.reject(requeue=True), "command.settle_failed")
         finally:
             log.info(
                 "command.processed",
@@ -274,7 +274,7 @@ class CommandConsumer:
             structlog.contextvars.bind_contextvars(type=type_)
             reply = error_reply(type_, meta.message_id, exc.name, exc.message, exc.details)
             await self._reply_quietly(meta, reply, type_, "error")
-            await self._settle(message.reject(requeue=False))
+            await settle(message.reject(requeue=False), "command.settle_failed")
             return "unreadable"
 
         structlog.contextvars.bind_contextvars(type=type_)
@@ -293,11 +293,11 @@ class CommandConsumer:
                 delivery_count=meta.delivery_count,
             )
             if not meta.last_attempt:
-                await self._settle(message.reject(requeue=True))
+                await settle(message.reject(requeue=True), "command.settle_failed")
                 return "requeued"
             reply = error_reply(type_, meta.message_id, "GeneralError", GENERAL_ERROR_MESSAGE)
             await self._reply_quietly(meta, reply, type_, "error")
-            await self._settle(message.reject(requeue=False))
+            await settle(message.reject(requeue=False), "command.settle_failed")
             return "dead-lettered"
 
         if _returned(message):
@@ -312,16 +312,10 @@ class CommandConsumer:
             # Without its reply the command is not done; the broker will deliver it again (its
             # channel is most likely gone), and idempotency answers with the stored reply.
             log.warning("command.publish_failed", cause=repr(exc.__cause__))
-            await self._settle(message.reject(requeue=True))
+            await settle(message.reject(requeue=True), "command.settle_failed")
             return "requeued"
-        await self._settle(message.ack())
+        await settle(message.ack(), "command.settle_failed")
         return result.outcome
-
-    async def _settle(self, action: Any) -> None:
-        try:
-            await action
-        except Exception:  # noqa: BLE001 - a dead channel: the broker redelivers on its own
-            log.warning("command.settle_failed")
 
     async def _reply_quietly(self, meta: Meta, body: bytes, type_: str | None, status: str) -> None:
         if meta.reply_to is None:

@@ -27,7 +27,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy import or_, select, update
 from sqlalchemy.engine import Row
 
-from worker.broker import Broker
+from worker.broker import Broker, settle
 from worker.config import Settings
 from worker.errors import (
     SmtpPermanentError,
@@ -81,21 +81,21 @@ class DeliveryConsumer:
                 raise TypeError("email_id")
         except (ValueError, KeyError, TypeError):
             log.error("delivery.unreadable")
-            await _settle(message.reject(requeue=False))
+            await settle(message.reject(requeue=False), "delivery.settle_failed")
             return
         structlog.contextvars.bind_contextvars(email_id=email_id)
         try:
             outcome = await self._deliver(email_id, bool(message.redelivered))
-            await _settle(message.ack())
+            await settle(message.ack(), "delivery.settle_failed")
         except TransientError as exc:
             outcome = "requeued"
             log.warning("delivery.requeued", error=type(exc).__name__)
-            await _settle(message.reject(requeue=True))
+            await settle(message.reject(requeue=True), "delivery.settle_failed")
         except Exception:
             # A bug: requeued until the delivery limit dead-letters it into P.dead.
             outcome = "requeued"
             log.exception("delivery.crashed")
-            await _settle(message.reject(requeue=True))
+            await settle(message.reject(requeue=True), "delivery.settle_failed")
         finally:
             log.info(
                 "email.processed",
@@ -278,10 +278,3 @@ class DeliveryConsumer:
             }
             type_ = "email.failed"
         await self.broker.publish_event(type_, event_body(type_, email["owner_id"], now, data))
-
-
-async def _settle(action: Any) -> None:
-    try:
-        await action
-    except Exception:  # noqa: BLE001 - a dead channel: the broker redelivers on its own
-        log.warning("delivery.settle_failed")
