@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
@@ -20,6 +21,10 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(default=1048576, ge=1024)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "console"] = "json"
+    # `host:port` of the HTTP endpoints (/metrics, /healthz, /readyz); empty turns them off.
+    http: str = "127.0.0.1:9464"
+    # Addresses a relay may be at although the relay address policy denies them (contract 5).
+    relay_allow: Annotated[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...], NoDecode] = ()
 
     # Not in the contract's table: tuning knobs with sensible defaults.
     prefetch: int = Field(default=256, ge=1, le=65535)
@@ -38,6 +43,16 @@ class Settings(BaseSettings):
     def _positive_delays(cls, value: tuple[float, ...]) -> tuple[float, ...]:
         if any(delay <= 0 for delay in value):
             raise ValueError("every retry delay must be positive")
+        return value
+
+    @field_validator("relay_allow", mode="before")
+    @classmethod
+    def _split_networks(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list | tuple):
+            # strict=False: "10.1.2.3/8" means the network 10.0.0.0/8, as an operator meant it.
+            return tuple(ipaddress.ip_network(part, strict=False) for part in value)
         return value
 
     @field_validator("log_level", mode="before")

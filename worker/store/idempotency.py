@@ -1,4 +1,9 @@
-"""Processed commands: what a command with a message_id answered, for its repeats."""
+"""Processed commands: what a command with a message_id answered, for its repeats.
+
+A record is keyed by owner, principal ("" for the owner's token, else the SMTP user's login) and
+message_id, and says the command's type: a repeat of another type is not the same command. A
+reply holding a secret arrives here encrypted (`secret`), and leaves as it came.
+"""
 
 from __future__ import annotations
 
@@ -15,21 +20,30 @@ from worker.store.tables import processed_commands as pc
 
 @dataclass(frozen=True, slots=True)
 class Processed:
+    type: str
     reply: bytes
+    secret: bool
     effects: list[Effect]
+    status: str
 
 
 # Built once: SQLAlchemy then skips constructing and keying the statement on every command.
-_KEY = (pc.c.owner_id == bindparam("owner_id"), pc.c.message_id == bindparam("message_id"))
-_FIND = select(pc.c.reply, pc.c.effects, pc.c.expires_at).where(*_KEY)
+_KEY = (
+    pc.c.owner_id == bindparam("owner_id"),
+    pc.c.principal == bindparam("principal"),
+    pc.c.message_id == bindparam("message_id"),
+)
+_FIND = select(
+    pc.c.type, pc.c.reply, pc.c.secret, pc.c.effects, pc.c.status, pc.c.expires_at
+).where(*_KEY)
 _FORGET = delete(pc).where(*_KEY)
 _RECORD = insert(pc)
 
 
 async def find(
-    conn: AsyncConnection, owner_id: str, message_id: str, now: datetime
+    conn: AsyncConnection, owner_id: str, principal: str, message_id: str, now: datetime
 ) -> Processed | None:
-    key = {"owner_id": owner_id, "message_id": message_id}
+    key = {"owner_id": owner_id, "principal": principal, "message_id": message_id}
     row = (await conn.execute(_FIND, key)).first()
     if row is None:
         return None
@@ -37,16 +51,20 @@ async def find(
         # Forgotten: clear the way for this command's own record (the sweeper may be late).
         await conn.execute(_FORGET, key)
         return None
-    return Processed(row.reply.encode(), [Effect.load(e) for e in json.loads(row.effects)])
+    effects = [Effect.load(e) for e in json.loads(row.effects)]
+    return Processed(row.type, row.reply.encode(), bool(row.secret), effects, row.status)
 
 
 async def record(
     conn: AsyncConnection,
     *,
     owner_id: str,
+    principal: str,
     message_id: str,
     type_: str,
+    status: str,
     reply: bytes,
+    secret: bool,
     effects: list[Effect],
     now: datetime,
     ttl: float,
@@ -55,9 +73,12 @@ async def record(
         _RECORD,
         {
             "owner_id": owner_id,
+            "principal": principal,
             "message_id": message_id,
             "type": type_,
+            "status": status,
             "reply": reply.decode(),
+            "secret": secret,
             "effects": json.dumps([e.dump() for e in effects]),
             "expires_at": now + timedelta(seconds=ttl),
         },

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     ForeignKey,
@@ -120,6 +121,9 @@ tickets = Table(
     Column("delivery_status", String(16), nullable=False),
     Column("delivery_attempts", Integer, nullable=False, server_default=text("0")),
     Column("delivery_last_error", Text),
+    # The domain of the ticket's Message-ID `<SID@DOMAIN>`, fixed at creation: its hits thread
+    # under it even after the channel moves to another domain.
+    Column("thread_domain", String(253)),
     Index("ix_tickets_owner", "owner_id", "created_at"),
     # At most one open ticket per dedup_key and channel: the race of two workers folding the same
     # alert ends in a unique violation, retried, instead of two tickets.
@@ -163,13 +167,19 @@ emails = Table(
     Column("updated_at", UtcDateTime, nullable=False),
 )
 
-# Idempotency: the reply (and what it caused) of every command processed with a message_id.
+# Idempotency: the reply (and what it caused) of every command processed with a message_id, per
+# owner and principal (contract 3).
 processed_commands = Table(
     "processed_commands",
     metadata,
     Column("owner_id", Id, primary_key=True),
+    # "" for the owner's token, else the SMTP user's login.
+    Column("principal", String(64), primary_key=True),
     Column("message_id", String(128), primary_key=True),
     Column("type", String(64), nullable=False),
+    Column("status", String(8), nullable=False),
+    # The reply holds a secret (a new SMTP password) and is stored encrypted.
+    Column("secret", Boolean, nullable=False, server_default=text("false")),
     Column("reply", Text, nullable=False),
     Column("effects", Text, nullable=False),
     Column("expires_at", UtcDateTime, nullable=False, index=True),
