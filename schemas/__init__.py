@@ -10,10 +10,15 @@ from schemas.envelope import (
     SuccessReply,
     UserAuth,
 )
+from schemas.events import EVENTS, AnyEvent, event_adapter, parse_event
+from schemas.replies import REPLY_MODELS, Reply, parse_reply, reply_adapter
 
 __all__ = [
     "COMMANDS",
     "COMMAND_MODELS",
+    "EVENTS",
+    "REPLY_MODELS",
+    "AnyEvent",
     "Command",
     "CommandBody",
     "ErrorBody",
@@ -21,7 +26,12 @@ __all__ = [
     "ErrorReply",
     "Event",
     "OwnerAuth",
+    "Reply",
     "SuccessReply",
     "UserAuth",
     "command_adapter",
+    "event_adapter",
+    "parse_event",
+    "parse_reply",
+    "reply_adapter",
 ]

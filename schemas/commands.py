@@ -55,8 +55,13 @@ class CommandBody(BaseModel):
     data: Any
 
 
+def model_name(type_: str, suffix: str) -> str:
+    """`settings.smtp_user.add`, `Command` -> `SettingsSmtpUserAddCommand`."""
+    return "".join(part.title() for part in type_.replace("_", ".").split(".")) + suffix
+
+
 def _model(type_: str, auth: type[BaseModel], data: type[BaseModel]) -> type[CommandBody]:
-    name = "".join(part.title() for part in type_.replace("_", ".").split(".")) + "Command"
+    name = model_name(type_, "Command")
     # Commands whose data has no required field may leave `data` out.
     empty = all(not field.is_required() for field in data.model_fields.values())
     tag: Any = Literal[type_]

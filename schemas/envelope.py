@@ -1,11 +1,20 @@
-"""The envelope of every message: command bodies, replies, error bodies, events."""
+"""The envelope of every message: command bodies, replies, error bodies, events.
+
+`SuccessReply` and `Event` are generic in their `data`: unparametrized, `data` is a JSON object;
+`SuccessReply[TicketCreated]` or an event of `schemas.events` types it.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Generic, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from typing_extensions import TypeVar
+
+# A default keeps `SuccessReply` and `Event` usable unparametrized, as they were before they
+# became generic. typing_extensions is a dependency of pydantic itself.
+DataT = TypeVar("DataT", default=dict[str, Any])
 
 
 class OwnerAuth(BaseModel):
@@ -32,6 +41,8 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorBody(BaseModel):
+    """Why a command was refused: `name` says what kind of refusal (contract section 4)."""
+
     name: Literal[
         "ValidationError",
         "AuthenticationError",
@@ -45,25 +56,29 @@ class ErrorBody(BaseModel):
     details: Any = None
 
 
-class SuccessReply(BaseModel):
+class SuccessReply(BaseModel, Generic[DataT]):
+    """The reply to a command that succeeded; `command_id` is its `message_id`."""
+
     status: Literal["success"] = "success"
     type: str | None
     command_id: str | None
-    data: dict[str, Any]
+    data: DataT
 
 
 class ErrorReply(BaseModel):
+    """The reply to a command that was refused or could not be read; it changed nothing."""
+
     status: Literal["error"] = "error"
     type: str | None
     command_id: str | None
     error: ErrorBody
 
 
-class Event(BaseModel):
+class Event(BaseModel, Generic[DataT]):
     """A domain event on `P.events`, routing key = `type`."""
 
     type: str
     id: str
     time: datetime
     owner_id: str | None
-    data: dict[str, Any]
+    data: DataT

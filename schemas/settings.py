@@ -5,9 +5,29 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
 
-from schemas._types import DomainName, EmailAddress, HostName, Mailbox, Name, OneLine, Positive
+from schemas._types import (
+    BodyText,
+    DomainName,
+    EmailAddress,
+    HeaderText,
+    HostName,
+    Mailbox,
+    Name,
+    Positive,
+    distinct_addresses,
+    in_domain,
+    split_mailbox,
+)
 
 
 class _Data(BaseModel):
@@ -27,9 +47,11 @@ class Empty(_Data):
 # --- email settings -----------------------------------------------------------------------------
 
 Starttls = Literal["auto", "always", "never"]
-Timeout = Annotated[int | float, Field(gt=0, le=600)]
+# Seconds each step of a relay conversation may take.
+TIMEOUT_MIN, TIMEOUT_MAX = 1, 120
+Timeout = Annotated[int | float, Field(ge=TIMEOUT_MIN, le=TIMEOUT_MAX)]
 Port = Annotated[int, Field(ge=1, le=65535)]
-Description = Annotated[str, StringConstraints(max_length=1000)]
+Description = Annotated[str, StringConstraints(max_length=1000), BodyText]
 Secret = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
 
 
@@ -53,12 +75,24 @@ class SmtpOptions(_Data):
     timeout: Timeout = 30
 
 
+def _from_in_domain(value: str | None, info: ValidationInfo) -> str | None:
+    """`from` is an address at the settings' own domain or at a subdomain of it (contract 6)."""
+    domain = info.data.get("domain")  # absent when the domain itself was refused
+    if value is not None and domain is not None:
+        address = split_mailbox(value).address
+        if not in_domain(address, domain):
+            raise ValueError(f"the address must be at {domain} or at a subdomain of it")
+    return value
+
+
 class EmailSettingsCreate(_Data):
     domain: DomainName
     provider: Literal["smtp"]
     description: Description | None = None
     from_: Mailbox = Field(alias="from")
     options: SmtpOptions
+
+    from_in_domain = field_validator("from_")(_from_in_domain)
 
 
 class RelayAuthPatch(_Data):
@@ -85,6 +119,8 @@ class EmailSettingsUpdate(_Data):
     description: Description | None = None
     from_: Mailbox | None = Field(default=None, alias="from")
     options: SmtpOptionsPatch | None = None
+
+    from_in_domain = field_validator("from_")(_from_in_domain)
 
 
 class DomainRef(_Data):
@@ -120,7 +156,7 @@ class EmailSettings(_Out):
 
 class EmailTestResult(_Out):
     ok: bool
-    stage: Literal["connect", "tls", "auth", "done"]
+    stage: Literal["connect", "tls", "auth", "sender", "done"]
     message: str
 
 
@@ -180,13 +216,17 @@ class SmtpUserList(_Out):
 # --- channels -----------------------------------------------------------------------------------
 
 ChannelName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,64}$")]
-SubjectPrefix = Annotated[OneLine, StringConstraints(max_length=200)]
+SubjectPrefix = Annotated[str, StringConstraints(max_length=200), HeaderText]
+# Recipients that differ only in case are one recipient: the first spelling is kept, in order.
+Recipients = Annotated[
+    list[EmailAddress], Field(min_length=1, max_length=100), AfterValidator(distinct_addresses)
+]
 
 
 class ChannelPut(_Data):
     name: ChannelName
     domain: DomainName
-    recipients: list[EmailAddress] = Field(min_length=1, max_length=100)
+    recipients: Recipients
     subject_prefix: SubjectPrefix | None = None
 
 

@@ -7,15 +7,15 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from schemas._types import Title
+from schemas._types import BodyText, Count, Title
 from schemas.settings import ChannelName
 
 Severity = Literal["low", "medium", "high", "critical"]
 TicketStatus = Literal["unacknowledged", "acknowledged", "closed"]
 Sid = Annotated[str, StringConstraints(min_length=1, max_length=64)]
-Body = Annotated[str, StringConstraints(max_length=65536)]
-Summary = Annotated[str, StringConstraints(min_length=1, max_length=1000)]
-Comment = Annotated[str, StringConstraints(max_length=1000)]
+Body = Annotated[str, StringConstraints(max_length=65536), BodyText]
+Summary = Annotated[str, StringConstraints(min_length=1, max_length=1000), BodyText]
+Comment = Annotated[str, StringConstraints(max_length=1000), BodyText]
 DedupKey = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Sids = Annotated[list[Sid], Field(min_length=1, max_length=1000)]
 
@@ -66,7 +66,7 @@ class HitNew(_Data):
 
 class HitList(_Data):
     sid: Sid
-    after_seq: int = Field(default=0, ge=0)
+    after_seq: Count = 0
     limit: int = Field(default=100, ge=1, le=1000)
 
 
