@@ -19,6 +19,9 @@ command's argument and returning one of those. "DATA" scripts the final reply, a
 
 The server runs in aiosmtpd's Controller, an event loop in a thread of its own, so a test's loop
 never serves it; every counter is shared between the two threads under a lock.
+
+`tcp_peer` is a TCP server that is not an SMTP server: silent, hanging up, resetting, or sending
+another protocol's greeting (`NATS_BANNER`, `MARIADB_GREETING`, `HTTP_RESPONSE`).
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ import datetime
 import ipaddress
 import socket
 import ssl
+import struct
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import urllib.parse
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage
@@ -50,14 +55,21 @@ from cryptography.x509.oid import NameOID
 
 __all__ = [
     "DROP",
+    "HTTP_RESPONSE",
+    "MARIADB_GREETING",
+    "NATS_BANNER",
     "Answer",
     "Received",
     "SmtpServer",
     "Tls",
     "closed_port",
+    "multiline",
+    "password_echoes",
+    "password_leaks",
     "plain_auth_password",
     "server_tls_context",
     "silent_port",
+    "tcp_peer",
 ]
 
 DROP: Final = "DROP"
@@ -140,6 +152,111 @@ def silent_port(host: str = "127.0.0.1") -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
+NATS_BANNER: Final = (
+    b'INFO {"server_id":"NDJWE4SHUJOFKEMNZHDGRZBWH7MN3ZHCZ4LUFSQBVTE3NV2PQG5CVVNA",'
+    b'"server_name":"nats-internal-1","version":"2.10.7","proto":1,"host":"0.0.0.0",'
+    b'"port":4222,"headers":true,"auth_required":true,"max_payload":1048576}\r\n'
+)
+"""What a NATS server says first; it names the server and its version."""
+
+MARIADB_GREETING: Final = (
+    b"\x5b\x00\x00\x00\x0a5.5.5-10.11.6-MariaDB-0+deb12u1\x00\x2a\x00\x00\x00"
+    b"\x3f\x7a\x50\x2b\x4c\x36\x27\x5e\x00\xfe\xf7\x2d\x02\x00\xff\x81\x15"
+    b"\x00\x00\x00\x00\x00\x00\x1d\x00\x00\x00mysql_native_password\x00"
+)
+"""A MariaDB handshake packet: binary, with the version and an auth plugin name."""
+
+HTTP_RESPONSE: Final = (
+    b"HTTP/1.1 400 Bad Request\r\nServer: nginx/1.25.3\r\nContent-Length: 0\r\n\r\n"
+)
+
+Behaviour = Literal["silent", "close", "reset"] | bytes
+
+
+@contextlib.asynccontextmanager
+async def tcp_peer(behaviour: Behaviour, host: str = "127.0.0.1") -> AsyncIterator[int]:
+    """A TCP server on the test's own loop that is no SMTP server; yields its port.
+
+    Each accepted connection is held open in silence ("silent"), closed at once ("close"),
+    reset at once with an RST ("reset"), or sent the given bytes and then held open.
+    """
+    held: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if behaviour == "close":
+            writer.close()
+            return
+        if behaviour == "reset":
+            # SO_LINGER with a zero timeout turns close() into an RST.
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            return
+        if isinstance(behaviour, bytes):
+            writer.write(behaviour)
+        held.append(writer)
+
+    server = await asyncio.start_server(serve, host, 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for writer in held:
+            writer.close()
+        await server.wait_closed()
+
+
+def password_echoes(user: str, password: str) -> dict[str, str]:
+    """Reply texts of a relay that quotes `password`, in every form a relay might: plain, in
+    another case, base64 at each alignment (as inside AUTH PLAIN), hex, URL-encoded, and split
+    by spaces, a NUL or a line break (`multiline` makes the last a multi-line reply)."""
+    secret = password.encode()
+    cut = len(password) // 2
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    plain = b"\0" + user.encode() + b"\0" + secret
+    return {
+        "plain": f"5.7.8 got {password}",
+        "upper": f"5.7.8 got {password.upper()}",
+        "lower": f"5.7.8 got {password.lower()}",
+        "base64": f"5.7.8 got {b64(secret)}",
+        "auth-plain": f"5.7.8 got {b64(plain)}",
+        "base64-offset-1": f"5.7.8 got {b64(b'x' + secret)}",
+        "base64-offset-2": f"5.7.8 got {b64(b'xy' + secret)}",
+        "base64-url": f"5.7.8 got {base64.urlsafe_b64encode(b'xy' + secret).decode()}",
+        "hex": f"5.7.8 got {secret.hex()}",
+        "HEX": f"5.7.8 got {secret.hex().upper()}",
+        "url": f"5.7.8 got {urllib.parse.quote(password, safe='')}",
+        "url-every-byte": "5.7.8 got " + "".join(f"%{byte:02X}" for byte in secret),
+        "split-by-spaces": f"5.7.8 got {password[:cut]}  {password[cut:]}",
+        "split-by-nul": f"5.7.8 got {password[:cut]}\x00{password[cut:]}",
+        "split-by-tab-mixed-case": f"5.7.8 got {password[:cut].upper()}\t{password[cut:]}",
+        "split-across-lines": f"5.7.8 got {password[:cut]}\n{password[cut:]} ok",
+    }
+
+
+def password_leaks(text: str, user: str, password: str) -> list[str]:
+    """The names of the forms of `password_echoes` that `text` still holds, whatever spaces,
+    line breaks or control characters were put in or taken out, in any case."""
+
+    def squashed(value: str) -> str:
+        return "".join(ch for ch in value if ch.isprintable() and not ch.isspace()).casefold()
+
+    forms = {
+        name: echo.split(maxsplit=2)[-1] for name, echo in password_echoes(user, password).items()
+    }
+    forms["password"] = password
+    return [name for name, form in forms.items() if squashed(form) in squashed(text)]
+
+
+def multiline(code: int, text: str) -> str:
+    """A scripted answer with `code` on each line of `text`: a multi-line reply."""
+    *first, last = text.split("\n")
+    return "".join(f"{code}-{line}\r\n" for line in first) + f"{code} {last}"
+
+
 def plain_auth_password(argument: str) -> str:
     """The password inside the argument of `AUTH PLAIN <base64>`, for scripts that echo it."""
     _, _, password = base64.b64decode(argument.rsplit(maxsplit=1)[-1]).split(b"\0")
@@ -172,8 +289,12 @@ class SmtpServer:
         }
         self._lock = threading.Lock()
         self._connections = 0
+        self._peak = 0
         self._open: set[_RecordingSMTP] = set()
+        self._server_names: list[str | None] = []
         tls_context = server_tls_context() if tls != "none" else None
+        if tls_context is not None:
+            tls_context.sni_callback = self._sni
         self._controller = _Controller(
             self,
             hostname=host,
@@ -206,11 +327,25 @@ class SmtpServer:
         with self._lock:
             return len(self._open)
 
+    @property
+    def peak_connections(self) -> int:
+        """The most connections that were open at once."""
+        with self._lock:
+            return self._peak
+
+    @property
+    def server_names(self) -> list[str | None]:
+        """The name (SNI) each TLS client asked for, in order; None for a client that sent none."""
+        with self._lock:
+            return list(self._server_names)
+
     def start(self) -> Self:
         self._controller.start()
         with self._lock:
             # Controller.start() connects once itself to check the server is up; not ours.
             self._connections = 0
+            self._peak = 0
+            self._server_names.clear()
         self._started = True
         return self
 
@@ -277,6 +412,11 @@ class SmtpServer:
     def _opened(self, session: _RecordingSMTP) -> None:
         with self._lock:
             self._open.add(session)
+            self._peak = max(self._peak, len(self._open))
+
+    def _sni(self, _connection: object, server_name: str | None, _context: object) -> None:
+        with self._lock:
+            self._server_names.append(server_name)
 
     def _closed(self, session: _RecordingSMTP) -> None:
         with self._lock:

@@ -2,7 +2,7 @@
 
 `compose` builds the ticket and hit emails (pure functions); `relay` probes a relay's settings
 and keeps a pool of reused connections per relay, translating SMTP failures into
-`SmtpTransientError` / `SmtpPermanentError`.
+`SmtpTransientError` / `SmtpPermanentError`; `policy` decides which addresses a relay may be at.
 """
 
 from worker.mail.compose import (

@@ -1,42 +1,80 @@
 """Talking to SMTP relays: the settings probe and the connection pool.
 
+Every connection starts the same way (`_open`): resolve the host with the loop's getaddrinfo,
+check every address against the relay address policy (`worker.mail.policy`), connect a socket to
+an address that passed, and hand that socket to aiosmtplib, which verifies the TLS certificate
+(and sends SNI) against the host name. Nothing resolves the name a second time, so a DNS answer
+that changes between the check and the connection cannot sneak a denied address in.
+
 Every aiosmtplib, socket and TLS error is translated here, at the boundary, into the worker's
 tree (`worker.errors`):
 
     4xx reply, refused / dropped / reset connection, DNS failure, timeout ... SmtpTransientError
     5xx reply (MAIL, any RCPT, DATA), rejected login, STARTTLS required but
-    not offered, certificate or other TLS failure, no AUTH on the server .... SmtpPermanentError
+    not offered, certificate or other TLS failure, no AUTH on the server,
+    a denied address, a peer that is not an SMTP server .................... SmtpPermanentError
 
-Messages are short and human ("connection refused", "535 5.7.8 authentication failed") and never
-hold the relay password: it is scrubbed, raw and base64-encoded, from anything the server says.
+Messages are short and human ("could not connect to an SMTP server", "535 5.7.8 authentication
+failed"). What a relay says is quoted only as the text of its SMTP replies, with control
+characters removed and its length bounded; a reply that holds the relay password in any form
+is withheld whole. Failures to connect say one thing whatever the cause (refused, reset, silent),
+so a probe does not tell open ports from closed ones.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import re
 import socket
 import ssl
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from email.message import EmailMessage
-from typing import Literal, Self, TypeVar
+from ipaddress import ip_address
+from typing import Any, Literal, Self, TypeVar
+from urllib.parse import unquote, unquote_plus
 
 import aiosmtplib
 from aiosmtplib.email import flatten_message
 
 from worker.errors import SmtpPermanentError, SmtpTransientError
+from worker.mail.policy import Network, is_allowed, unwrap
 
-__all__ = ["ProbeResult", "Relay", "SmtpPool", "Stage", "StartTLS", "probe"]
+__all__ = [
+    "DENIED",
+    "NOT_SMTP",
+    "NO_CONNECTION",
+    "WITHHELD",
+    "ProbeResult",
+    "Relay",
+    "SmtpPool",
+    "Stage",
+    "StartTLS",
+    "probe",
+]
 
 StartTLS = Literal["auto", "always", "never"]
-Stage = Literal["connect", "tls", "auth", "done"]
+Stage = Literal["connect", "tls", "auth", "sender", "done"]
+
+NO_CONNECTION = "could not connect to an SMTP server"
+NOT_SMTP = "not an SMTP server"
+DENIED = "the relay's address is not allowed: it is not a public address"
+WITHHELD = "the relay's reply was withheld: it quoted the password"
 
 # What the relay, the network or TLS can throw at us. ssl.SSLError and TimeoutError are OSErrors;
 # ValueError is aiosmtplib refusing an address or host name it cannot put on a command line.
 _RELAY_ERRORS = (aiosmtplib.SMTPException, OSError, ValueError)
 # Longest message we pass on: server replies can be long, multi-line banners.
 _MAX_MESSAGE = 300
+_BREAKS = re.compile(r"[\t\n\v\f\r\x85\u2028\u2029]+")
+# Other control, format and bidirectional characters, and lone surrogates (undecodable bytes):
+# none belongs in a message, and a NUL is more than PostgreSQL's text type will store.
+_INVISIBLE = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff\ud800-\udfff]"
+)
 
 _E = TypeVar("_E", bound=BaseException)
 
@@ -48,6 +86,8 @@ class Relay:
     `secure` is TLS from the first byte (port 465). Otherwise `starttls` decides: "auto" upgrades
     when the server offers STARTTLS, "always" fails without it, "never" stays in clear text.
     `reject_unauthorized=False` accepts any certificate. `timeout` bounds each network operation.
+    `allow` lists the non-public addresses the relay may be at (SMTP_WORKER_RELAY_ALLOW).
+    `sender` is the address `probe` offers at MAIL FROM and RCPT TO; it is not part of the key.
     """
 
     host: str
@@ -58,6 +98,8 @@ class Relay:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     timeout: float = 30.0
+    allow: tuple[Network, ...] = ()
+    sender: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,48 +112,82 @@ class ProbeResult:
 
 
 async def probe(relay: Relay) -> ProbeResult:
-    """Connect, upgrade to TLS and log in as `relay` says, send no mail, and QUIT.
+    """Connect, upgrade to TLS and log in as `relay` says, offer its sender, send no mail, QUIT.
 
-    Never raises for a relay problem: the result names the stage that failed and why.
+    With `relay.sender`, the "sender" stage offers `MAIL FROM:<sender>` and `RCPT TO:<sender>`,
+    then RSET: a relay that will not relay for these settings fails there, not on the first
+    email. Never raises for a relay problem: the result names the stage that failed and why.
     """
     try:
         smtp = await _open(relay)
     except _HandshakeError as exc:
         return ProbeResult(ok=False, stage=exc.stage, message=exc.message)
-    # Read before QUIT: the transport is gone afterwards.
-    tls = smtp.is_connected and smtp.get_transport_info("sslcontext") is not None
-    await _quit(smtp)
-    parts = ["connected", "over TLS" if tls else "without TLS"]
-    if relay.username:
-        parts.append("logged in")
-    return ProbeResult(ok=True, stage="done", message=", ".join(parts))
+    try:
+        tls = smtp.is_connected and smtp.get_transport_info("sslcontext") is not None
+        parts = ["connected", "over TLS" if tls else "without TLS"]
+        if relay.username:
+            parts.append("logged in")
+        if relay.sender:
+            try:
+                await smtp.mail(relay.sender)
+                await smtp.rcpt(relay.sender)
+            except _RELAY_ERRORS as exc:
+                return ProbeResult(ok=False, stage="sender", message=_describe(exc, relay)[0])
+            parts.append("sender accepted")
+            with contextlib.suppress(*_RELAY_ERRORS):  # QUIT ends the transaction all the same
+                await smtp.rset()
+        return ProbeResult(ok=True, stage="done", message=", ".join(parts))
+    finally:
+        await _quit(smtp)
 
 
 class SmtpPool:
     """Sends emails over a few reused, logged-in connections per relay.
 
     At most `max_per_relay` connections to one relay exist at a time; more concurrent sends wait
-    for one of them (a semaphore per relay), so a burst of emails opens only a handful. Idle
-    connections are closed lazily once idle for `idle_timeout` seconds, and a connection is
-    retired after `max_messages_per_connection` emails, since many relays cap emails per
-    connection (100 is nodemailer's pool default, which relays are used to). A connection
-    the relay dropped while idle is replaced once, transparently.
+    for one of them (a semaphore per relay), so a burst of emails opens only a handful. At most
+    `max_connections` exist in all: a send that needs one more closes the connection idle the
+    longest, whatever its relay, or waits for one to be returned. A timer closes connections
+    idle for `idle_timeout` seconds, and a connection is retired after
+    `max_messages_per_connection` emails, since many relays cap emails per connection (100 is
+    nodemailer's pool default, which relays are used to). A connection the relay dropped while
+    idle is replaced once, transparently.
     """
 
     def __init__(
         self,
         *,
         max_per_relay: int = 4,
+        max_connections: int = 100,
         idle_timeout: float = 30.0,
         max_messages_per_connection: int = 100,
     ) -> None:
-        if max_per_relay < 1 or max_messages_per_connection < 1:
-            raise ValueError("max_per_relay and max_messages_per_connection must be at least 1")
+        if min(max_per_relay, max_connections, max_messages_per_connection) < 1:
+            raise ValueError(
+                "max_per_relay, max_connections and max_messages_per_connection must be at least 1"
+            )
+        if idle_timeout <= 0:
+            raise ValueError("idle_timeout must be positive")
         self._max_per_relay = max_per_relay
+        self._max_connections = max_connections
         self._idle_timeout = idle_timeout
         self._max_messages = max_messages_per_connection
         self._slots: dict[Relay, _Slot] = {}
+        self._open = 0  # connections open or being opened, idle or in use
+        self._room: deque[asyncio.Future[None]] = deque()  # sends waiting under the cap
+        self._idle_added = asyncio.Event()
+        self._reaper: asyncio.Task[None] | None = None
+        self._quitting: set[asyncio.Task[None]] = set()
         self._closed = False
+
+    @property
+    def idle_timeout(self) -> float:
+        return self._idle_timeout
+
+    @property
+    def connections(self) -> int:
+        """Connections open (or being opened) now, idle or in use."""
+        return self._open
 
     async def __aenter__(self) -> Self:
         return self
@@ -122,7 +198,7 @@ class SmtpPool:
     async def send(
         self,
         relay: Relay,
-        message: EmailMessage,
+        message: EmailMessage | bytes,
         sender: str,
         recipients: list[str],
     ) -> None:
@@ -135,7 +211,8 @@ class SmtpPool:
             raise RuntimeError("the SMTP pool is closed")
         if not recipients:
             raise ValueError("an email needs at least one recipient")
-        self._reap_idle()
+        if self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap_forever(), name="smtp-pool-reaper")
         slot = self._slots.get(relay)
         if slot is None:
             slot = self._slots[relay] = _Slot(asyncio.Semaphore(self._max_per_relay))
@@ -145,19 +222,31 @@ class SmtpPool:
                 await self._send_in_slot(slot, relay, message, sender, recipients)
         finally:
             slot.users -= 1
+            if slot.users == 0 and not slot.idle and self._slots.get(relay) is slot:
+                del self._slots[relay]
+
+    def has_free_connection(self, relay: Relay) -> bool:
+        """Whether a send to `relay` would get a connection now, without waiting for one."""
+        slot = self._slots.get(relay)
+        return slot is None or not slot.semaphore.locked()
 
     async def close(self) -> None:
-        """QUIT every idle connection; sends still running close theirs when they end."""
+        """Stop the idle timer and QUIT every idle connection; sends still running close theirs
+        when they end."""
         self._closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            await asyncio.gather(self._reaper, return_exceptions=True)
         idle = [conn for slot in self._slots.values() for conn in slot.idle]
-        self._slots.clear()
-        await asyncio.gather(*(_quit(conn.smtp) for conn in idle))
+        for slot in self._slots.values():
+            slot.idle.clear()
+        await asyncio.gather(*self._quitting, *(self._quit(conn) for conn in idle))
 
     async def _send_in_slot(
         self,
         slot: _Slot,
         relay: Relay,
-        message: EmailMessage,
+        message: EmailMessage | bytes,
         sender: str,
         recipients: list[str],
     ) -> None:
@@ -166,16 +255,27 @@ class SmtpPool:
             try:
                 await _transact(conn, relay, message, sender, recipients, reused=True)
             except _StaleConnection:
-                pass  # dropped while idle: fall through to a fresh connection, once
+                self._drop(conn)  # dropped while idle: fall through to a fresh one, once
+            except BaseException:
+                self._drop(conn)
+                raise
             else:
                 await self._checkin(slot, conn)
                 return
+        await self._reserve()
         try:
             smtp = await _open(relay)
-        except _HandshakeError as exc:
-            raise exc.as_worker_error() from exc.__cause__
+        except BaseException as exc:
+            self._release()
+            if isinstance(exc, _HandshakeError):
+                raise exc.as_worker_error() from exc.__cause__
+            raise
         conn = _Connection(smtp)
-        await _transact(conn, relay, message, sender, recipients, reused=False)
+        try:
+            await _transact(conn, relay, message, sender, recipients, reused=False)
+        except BaseException:
+            self._drop(conn)
+            raise
         await self._checkin(slot, conn)
 
     def _checkout(self, slot: _Slot) -> _Connection | None:
@@ -185,35 +285,110 @@ class SmtpPool:
             conn = slot.idle.pop()
             if conn.smtp.is_connected and now - conn.idle_since < self._idle_timeout:
                 return conn
-            conn.smtp.close()
+            self._drop(conn)
         return None
 
     async def _checkin(self, slot: _Slot, conn: _Connection) -> None:
         if not conn.smtp.is_connected:
-            conn.smtp.close()
-        elif self._closed or conn.sent >= self._max_messages:
-            await _quit(conn.smtp)
+            self._drop(conn)
+        elif self._closed or conn.sent >= self._max_messages or self._room:
+            # (A send waiting for room under the cap gets this connection's.)
+            await self._quit(conn)
         else:
             conn.idle_since = time.monotonic()
             slot.idle.append(conn)
+            self._idle_added.set()
+
+    async def _reserve(self) -> None:
+        """Count one more connection, once the cap allows it."""
+        loop = asyncio.get_running_loop()
+        while self._open >= self._max_connections and not self._evict_one():
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._room.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken, then cancelled: pass the room on
+                raise
+            finally:
+                if waiter in self._room:
+                    self._room.remove(waiter)
+        self._open += 1
+
+    def _release(self) -> None:
+        self._open -= 1
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._room:
+            waiter = self._room.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _evict_one(self) -> bool:
+        """Close the connection idle the longest, of any relay; False when none is idle."""
+        oldest: tuple[_Slot, _Connection] | None = None
+        for slot in self._slots.values():
+            for conn in slot.idle:
+                if oldest is None or conn.idle_since < oldest[1].idle_since:
+                    oldest = slot, conn
+        if oldest is None:
+            return False
+        slot, conn = oldest
+        slot.idle.remove(conn)
+        # A plain close, not QUIT: this send must not wait on another relay. Its room is taken
+        # at once by the caller, so no waiter is woken for it.
+        conn.smtp.close()
+        self._open -= 1
+        return True
+
+    def _drop(self, conn: _Connection) -> None:
+        """Close `conn` at once, without QUIT, and free its room."""
+        conn.smtp.close()
+        self._release()
+
+    async def _quit(self, conn: _Connection) -> None:
+        """QUIT `conn`, then free its room."""
+        try:
+            await _quit(conn.smtp)
+        finally:
+            self._release()
+
+    async def _reap_forever(self) -> None:
+        """The idle timer: closes each idle connection once its idle time is up."""
+        while True:
+            idle_since = [conn.idle_since for slot in self._slots.values() for conn in slot.idle]
+            if not idle_since:
+                self._idle_added.clear()
+                await self._idle_added.wait()
+                continue
+            # Connections go idle in time order: no deadline earlier than this one can appear.
+            await asyncio.sleep(max(0.0, min(idle_since) + self._idle_timeout - time.monotonic()))
+            self._reap_idle()
 
     def _reap_idle(self) -> None:
-        """Close connections idle too long, and forget relays nobody uses any more."""
+        """Close connections idle too long (QUIT, in the background), and forget relays nobody
+        uses any more."""
         now = time.monotonic()
         for relay, slot in list(self._slots.items()):
             keep = []
             for conn in slot.idle:
                 if conn.smtp.is_connected and now - conn.idle_since < self._idle_timeout:
                     keep.append(conn)
+                elif conn.smtp.is_connected:
+                    task = asyncio.create_task(self._quit(conn))
+                    self._quitting.add(task)
+                    task.add_done_callback(self._quitting.discard)
                 else:
-                    # A plain close, not QUIT: it must not make this send wait on that relay.
-                    conn.smtp.close()
+                    self._drop(conn)
             slot.idle = keep
             if not keep and slot.users == 0:
                 del self._slots[relay]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Connection:
     smtp: aiosmtplib.SMTP
     sent: int = 0
@@ -228,7 +403,7 @@ class _Slot:
 
 
 class _HandshakeError(Exception):
-    """Opening a connection failed at `stage`; `message` is already scrubbed of the password."""
+    """Opening a connection failed at `stage`; `message` is safe to show (see `_describe`)."""
 
     def __init__(self, stage: Stage, message: str, *, permanent: bool) -> None:
         super().__init__(message)
@@ -246,28 +421,95 @@ class _StaleConnection(Exception):
     """A reused connection turned out dead before the relay accepted anything."""
 
 
+async def _connect(relay: Relay) -> socket.socket:
+    """A TCP socket connected to an address of `relay.host` that the policy allows.
+
+    Every address the name resolves to is checked, and only those allowed are tried, in the
+    resolver's order; a name with none is refused without a connection.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(relay.timeout):
+            try:
+                found = await _resolve(_bare(relay.host), relay.port)
+            except (socket.gaierror, UnicodeError) as exc:
+                raise _HandshakeError("connect", "host not found", permanent=False) from exc
+            targets: list[tuple[socket.AddressFamily, tuple[Any, ...]]] = []
+            for family, sockaddr in found:
+                address = unwrap(ip_address(sockaddr[0]))
+                if not is_allowed(address, relay.allow):
+                    continue
+                target = (family, sockaddr)
+                if address.version == 4:  # an IPv4-mapped address goes out as IPv4
+                    target = (socket.AF_INET, (str(address), relay.port))
+                if target not in targets:
+                    targets.append(target)
+            if not targets:
+                raise _HandshakeError("connect", DENIED, permanent=True)
+            failure: OSError | None = None
+            for family, sockaddr in targets:
+                try:
+                    sock = socket.socket(family, socket.SOCK_STREAM)
+                except OSError as exc:  # no IPv6 on this machine, say
+                    failure = exc
+                    continue
+                try:
+                    sock.setblocking(False)
+                    await loop.sock_connect(sock, sockaddr)
+                except OSError as exc:
+                    sock.close()
+                    failure = exc
+                    continue
+                except BaseException:
+                    sock.close()
+                    raise
+                return sock
+            raise _HandshakeError("connect", NO_CONNECTION, permanent=False) from failure
+    except TimeoutError as exc:
+        raise _HandshakeError("connect", NO_CONNECTION, permanent=False) from exc
+
+
+async def _resolve(host: str, port: int) -> list[tuple[socket.AddressFamily, tuple[Any, ...]]]:
+    """The family and socket address of each address of `host`, by the loop's getaddrinfo;
+    an IPv4 address written out in full needs no trip to its thread pool."""
+    try:
+        if ip_address(host).version == 4:
+            return [(socket.AF_INET, (host, port))]
+    except ValueError:
+        pass
+    found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [(family, tuple(sockaddr)) for family, _, _, _, sockaddr in found]
+
+
 async def _open(relay: Relay) -> aiosmtplib.SMTP:
     """A connected, upgraded and logged-in client for `relay`, or _HandshakeError."""
-    smtp = aiosmtplib.SMTP(
-        hostname=relay.host,
-        port=relay.port,
-        use_tls=relay.secure,
-        # aiosmtplib's default (None) upgrades silently when offered and goes on in clear text
-        # otherwise; we decide per `relay.starttls` below, so that "always" can fail.
-        start_tls=False,
-        validate_certs=relay.reject_unauthorized,
-        timeout=relay.timeout,
-    )
+    sock = await _connect(relay)
+    try:
+        smtp = aiosmtplib.SMTP(
+            hostname=_bare(relay.host),  # for SNI and the certificate check: `sock` is connected
+            sock=sock,
+            use_tls=relay.secure,
+            # aiosmtplib's default (None) upgrades silently when offered and goes on in clear
+            # text otherwise; we decide per `relay.starttls` below, so that "always" can fail.
+            start_tls=False,
+            validate_certs=relay.reject_unauthorized,
+            timeout=relay.timeout,
+        )
+    except _RELAY_ERRORS as exc:  # a host name aiosmtplib will not take
+        sock.close()
+        raise _HandshakeError("connect", _describe(exc, relay)[0], permanent=True) from exc
     stage: Stage = "connect"
     try:
         try:
             await smtp.connect()
         except _RELAY_ERRORS as exc:
-            # Implicit TLS handshakes inside connect(); a TLS error there is the "tls" stage.
-            if relay.secure and _find(exc, ssl.SSLError) is not None:
-                stage = "tls"
+            raise _greeting_failure(exc, relay) from _cause(exc)
+        try:
+            await _hello(smtp)
+        except aiosmtplib.SMTPResponseException as exc:
+            if not _is_reply(exc.code):
+                raise _HandshakeError("connect", NOT_SMTP, permanent=True) from None
             raise
-        await _hello(smtp)
         if not relay.secure and relay.starttls != "never":
             if smtp.supports_extension("starttls"):
                 stage = "tls"
@@ -283,12 +525,30 @@ async def _open(relay: Relay) -> aiosmtplib.SMTP:
         raise
     except _RELAY_ERRORS as exc:
         smtp.close()
-        message, permanent = _describe(exc)
-        raise _HandshakeError(stage, _scrub(message, relay), permanent=permanent) from exc
+        message, permanent = _describe(exc, relay)
+        raise _HandshakeError(stage, message, permanent=permanent) from _cause(exc)
     except BaseException:
         smtp.close()
         raise
     return smtp
+
+
+def _greeting_failure(exc: BaseException, relay: Relay) -> _HandshakeError:
+    """Why `connect()` failed: the socket is connected, so this is TLS or the greeting."""
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        if 400 <= exc.code < 600:
+            # An SMTP server turning us away (421 busy, 554 no service): its reply is SMTP.
+            return _HandshakeError(
+                "connect", _reply_text(exc.code, exc.message, relay), permanent=exc.code >= 500
+            )
+        # No "220" greeting, or no SMTP reply at all (a database's or a broker's banner).
+        return _HandshakeError("connect", NOT_SMTP, permanent=True)
+    tls = _tls_error(exc)
+    if relay.secure and tls is not None and not isinstance(tls, _TLS_CLOSED):
+        message, permanent = _describe(exc, relay)
+        return _HandshakeError("tls", message, permanent=permanent)
+    # Silent, reset or closed at once: one message for all, so that nobody maps ports with it.
+    return _HandshakeError("connect", NO_CONNECTION, permanent=False)
 
 
 async def _hello(smtp: aiosmtplib.SMTP) -> None:
@@ -301,7 +561,7 @@ async def _hello(smtp: aiosmtplib.SMTP) -> None:
 async def _transact(
     conn: _Connection,
     relay: Relay,
-    message: EmailMessage,
+    message: EmailMessage | bytes,
     sender: str,
     recipients: list[str],
     *,
@@ -331,16 +591,16 @@ async def _transact(
         if reused and not accepted_anything and _is_stale(exc):
             raise _StaleConnection from exc
         if isinstance(exc, _RELAY_ERRORS):
-            text, permanent = _describe(exc)
+            text, permanent = _describe(exc, relay)
             error_type = SmtpPermanentError if permanent else SmtpTransientError
-            raise error_type(_scrub(text, relay)) from exc
+            raise error_type(text) from _cause(exc)
         raise
     conn.sent += 1
 
 
 def _prepare(
     smtp: aiosmtplib.SMTP,
-    message: EmailMessage,
+    message: EmailMessage | bytes,
     sender: str,
     recipients: list[str],
 ) -> tuple[list[str], bytes]:
@@ -356,7 +616,10 @@ def _prepare(
     if smtp.supports_extension("8bitmime"):
         options.append("BODY=8BITMIME")
     cte_type = "8bit" if smtp.supports_extension("8bitmime") else "7bit"
-    payload = flatten_message(message, utf8=utf8, cte_type=cte_type)
+    if isinstance(message, bytes):
+        payload = message  # composed by worker.mail.compose: 7-bit, CRLF, sent as it is
+    else:
+        payload = flatten_message(message, utf8=utf8, cte_type=cte_type)
     if smtp.supports_extension("size"):
         # RFC 1870: lets the relay refuse an oversized email before we send it.
         options.insert(0, f"SIZE={len(payload)}")
@@ -377,37 +640,94 @@ def _is_stale(exc: BaseException) -> bool:
     return isinstance(exc, ConnectionError)  # SMTPServerDisconnected is one
 
 
-def _describe(exc: BaseException) -> tuple[str, bool]:
-    """A short human message for a relay problem, and whether it is permanent."""
+_TLS_CLOSED = (ssl.SSLEOFError, ssl.SSLZeroReturnError)
+
+
+def _describe(exc: BaseException, relay: Relay) -> tuple[str, bool]:
+    """A short message for a relay problem, safe to show anyone, and whether it is permanent."""
     if isinstance(exc, aiosmtplib.SMTPResponseException):
-        # -1 is aiosmtplib's code for a reply it could not parse; treat it as a passing fault.
-        return _reply_text(exc.code, exc.message), exc.code >= 500
+        if not _is_reply(exc.code):
+            # -1 is aiosmtplib's code for a reply it could not parse; its text is not SMTP.
+            return "the server's reply is not SMTP", False
+        return _reply_text(exc.code, exc.message, relay), exc.code >= 500
     cert = _find(exc, ssl.SSLCertVerificationError)
     if cert is not None:
-        return f"certificate verify failed: {cert.verify_message or cert.reason}", True
+        return f"certificate verify failed: {_clean(cert.verify_message or cert.reason)}", True
     if _find(exc, TimeoutError) is not None:  # asyncio.TimeoutError is TimeoutError since 3.11
         return "timed out", False
-    if _find(exc, ConnectionRefusedError) is not None:
-        return "connection refused", False
-    tls = _find(exc, ssl.SSLError)
+    tls = _tls_error(exc)
     if tls is not None:
-        if isinstance(tls, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        if isinstance(tls, _TLS_CLOSED):
             return "connection closed during the TLS handshake", False
-        return f"TLS failed: {tls.reason or tls}", True
-    dns = _find(exc, socket.gaierror)
-    if dns is not None:
-        return f"host not found: {dns.strerror or dns}", False
+        return f"TLS failed: {_clean(tls.reason or 'handshake failed')}", True
     if isinstance(exc, ConnectionError) or _find(exc, ConnectionError) is not None:
         return "connection closed by the server", False
     if isinstance(exc, OSError):
-        return exc.strerror or str(exc), False
-    if isinstance(exc, aiosmtplib.SMTPException):
-        return str(exc), True  # e.g. no AUTH or no SMTPUTF8 on this server
-    return str(exc), True  # ValueError: an address or host aiosmtplib will not send
+        return _clean(exc.strerror or "network error"), False
+    # aiosmtplib's own words (no AUTH or no SMTPUTF8 on this server, an address it will not
+    # send); they may quote what the server said, as a CRAM-MD5 challenge, so they are relay text.
+    return _relay_text(str(exc), relay), True
 
 
-def _reply_text(code: int, text: str) -> str:
-    return f"{code} {text}" if code > 0 else text
+def _tls_error(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS failure behind `exc`, if any. "Want read" and "want write" are no failures: the
+    TLS layer leaves them in the context of whatever interrupted it (a reset, a timeout)."""
+    tls = _find(exc, ssl.SSLError)
+    return None if isinstance(tls, ssl.SSLWantReadError | ssl.SSLWantWriteError) else tls
+
+
+def _is_reply(code: int) -> bool:
+    return 200 <= code < 600
+
+
+def _reply_text(code: int, text: str, relay: Relay) -> str:
+    return _clean(f"{code} {_relay_text(text, relay)}")
+
+
+def _relay_text(text: str, relay: Relay) -> str:
+    """What the relay said, fit to quote: one clean, bounded line, or withheld whole when it
+    holds the password in any form."""
+    if relay.password and _quotes(text, relay.password):
+        return WITHHELD
+    return _clean(text)
+
+
+def _clean(text: str) -> str:
+    """`text` on one line, without control characters, shortened."""
+    text = " ".join(_INVISIBLE.sub("", _BREAKS.sub(" ", text)).split())
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 1] + "…"
+
+
+def _quotes(text: str, password: str) -> bool:
+    """True when `text` holds `password` plain, base64-encoded (at any alignment, as inside
+    AUTH PLAIN), hex-encoded or URL-encoded, in any case, whatever whitespace, line breaks or
+    control characters split it."""
+    forms = _password_forms(password)
+    views = {_squash(view) for view in (text, unquote(text), unquote_plus(text))}
+    return any(form in view for form in forms for view in views)
+
+
+def _password_forms(password: str) -> set[str]:
+    secret = password.encode()
+    forms = {_squash(password), secret.hex()}
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        for offset in range(3):
+            # The characters that encode the password's bits alone, whatever comes before it.
+            encoded = encode(b"\0" * offset + secret + b"\0\0").decode()
+            first, end = (8 * offset + 5) // 6, (8 * (offset + len(secret))) // 6
+            forms.add(encoded[first:end].casefold())
+    forms.discard("")
+    return forms
+
+
+def _squash(text: str) -> str:
+    return "".join(_INVISIBLE.sub("", text).split()).casefold()
+
+
+def _cause(exc: BaseException) -> BaseException | None:
+    """`exc` to chain to the worker's error, or None when its chain holds what the relay said:
+    a traceback of the worker's error must not quote the relay."""
+    return None if _find(exc, aiosmtplib.SMTPResponseException) is not None else exc
 
 
 def _find(exc: BaseException, kind: type[_E]) -> _E | None:
@@ -422,20 +742,9 @@ def _find(exc: BaseException, kind: type[_E]) -> _E | None:
     return None
 
 
-def _scrub(text: str, relay: Relay) -> str:
-    """`text` on one line, shortened, without the password in any form the server could echo."""
-    if relay.password:
-        secret = relay.password.encode()
-        user = (relay.username or "").encode()
-        forms = {
-            relay.password,
-            base64.b64encode(secret).decode(),  # AUTH LOGIN
-            base64.b64encode(b"\0" + user + b"\0" + secret).decode(),  # AUTH PLAIN
-        }
-        for form in sorted(forms, key=len, reverse=True):
-            text = text.replace(form, "********")
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 1] + "…"
+def _bare(host: str) -> str:
+    """`[::1]` as `::1`: brackets are how URLs spell IPv6 addresses, not part of them."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 async def _quit(smtp: aiosmtplib.SMTP) -> None:
