@@ -125,7 +125,7 @@ async def test_list_shows_an_unreadable_message_the_worker_dead_lettered(env):
             "count": 1,
             "replay_to": f"{names.commands} ticket.new",
             "body_bytes": 10,
-            "body": "not json 0",
+            "body": None,
         }
     ] == [{k: v for k, v in line.items() if k != "died_at"} for line in listed]
 
@@ -161,6 +161,110 @@ async def test_list_masks_secrets_in_the_body(env):
     assert password not in json.dumps(line)
     assert '"password": "********"' in line["body"]
     assert "ticket.explode" == line["type"]
+
+
+async def dead_letter(env: Env, body: bytes) -> None:
+    """Puts `body` in P.dead as it is, as if a worker had dead-lettered it."""
+    names = env.client.names
+    dead = await env.client.channel.get_exchange(names.dead, ensure=False)
+    await dead.publish(aio_pika.Message(body, message_id="hostile"), routing_key="")
+    assert 1 == await wait_depth(env, names.dead, 1)
+
+
+SECRET = "s3cr3t-" + uuid.uuid4().hex
+MASK = "********"
+
+
+def hostile(text: str) -> str:
+    """`text` with @SECRET@ as it is, and @ESCAPED@ as the secret with a JSON escape in it."""
+    return text.replace("@SECRET@", SECRET).replace("@ESCAPED@", "\\u0073" + SECRET[1:])
+
+
+# Bodies that are strict JSON: shown, re-serialized, with every secret masked.
+READABLE = {
+    "escaped-key-names": (
+        '{"type": "ticket.new", "auth": {"login": "u1", "pass\\u0077ord": "@SECRET@"},'
+        ' "data": {"tok\\u0065n": "@SECRET@", "options": {"p\\u0061ss": "@SECRET@"}}}',
+        {
+            "type": "ticket.new",
+            "auth": {"login": MASK, "password": MASK},
+            "data": {"token": MASK, "options": {"pass": MASK}},
+        },
+    ),
+    "escaped-secret-value": (
+        '{"type": "hit.new", "password": "@ESCAPED@", "comment": "no secret here"}',
+        {"type": "hit.new", "password": MASK, "comment": "no secret here"},
+    ),
+    "nested-auth": (
+        '{"type": "hit.new", "data": {"options": {"host": "relay.example.com",'
+        ' "auth": {"user": "relay", "key": "@SECRET@", "more": {"deeper": "@SECRET@"}}},'
+        ' "list": [{"auth": "@SECRET@"}, {"auth": ["@SECRET@"]}]}}',
+        {
+            "type": "hit.new",
+            "data": {
+                "options": {
+                    "host": "relay.example.com",
+                    "auth": {"user": MASK, "key": MASK, "more": MASK},
+                },
+                "list": [{"auth": MASK}, {"auth": MASK}],
+            },
+        },
+    ),
+    "upper-case-keys": (
+        '{"PASSWORD": "@SECRET@", "Token": "@SECRET@", "SMTP_Password": "@SECRET@",'
+        ' "Secret": "@SECRET@", "PASS": "@SECRET@", "AUTH": {"Login": "@SECRET@"}}',
+        {
+            "PASSWORD": MASK,
+            "Token": MASK,
+            "SMTP_Password": MASK,
+            "Secret": MASK,
+            "PASS": MASK,
+            "AUTH": {"Login": MASK},
+        },
+    ),
+    "secrets-that-are-not-strings": (
+        '{"type": "hit.new", "data": {"token": {"value": "@SECRET@"}, "secret": ["@SECRET@"],'
+        ' "pass": 7}}',
+        {"type": "hit.new", "data": {"token": MASK, "secret": MASK, "pass": MASK}},
+    ),
+}
+# Bodies that are not: not shown at all, however much of them a reader could make out.
+UNREADABLE = {
+    "duplicate-keys": b'{"type": "ticket.new", "data": {"token": 1, "token": "@SECRET@"}}',
+    "truncated": b'{"type": "ticket.new", "auth": {"login": "u1", "password": "@SECRET@',
+    "single-quotes": b"{'type': 'ticket.new', 'auth': {'password': '@SECRET@'}}",
+    "not-json": b"login=u1&password=@SECRET@",
+    "nan": b'{"type": "ticket.new", "auth": {"password": "@SECRET@"}, "n": NaN}',
+    "huge-number": b'{"type": "ticket.new", "auth": {"password": "@SECRET@"}, "n": 1e999}',
+    "binary": b"\x00\xff\xfe@SECRET@\x80",
+    "utf-16": hostile('{"type": "ticket.new", "auth": {"password": "@SECRET@"}}').encode("utf-16"),
+    "deeply-nested": b"[" * 100_000 + b'{"type": "ticket.new", "password": "@SECRET@"}',
+}
+
+
+@pytest.mark.parametrize(("raw", "shown"), READABLE.values(), ids=READABLE.keys())
+async def test_list_shows_a_json_body_with_every_secret_masked(
+    env, raw: str, shown: dict[str, Any]
+):
+    await dead_letter(env, hostile(raw).encode())
+
+    code, out, err = await smtp_worker(env, "dead", "list")
+
+    (line,) = [json.loads(text) for text in out.splitlines()]
+    assert (0, json.dumps(shown, ensure_ascii=False)) == (code, line["body"])
+    assert SECRET[1:] not in out + err
+
+
+@pytest.mark.parametrize("raw", UNREADABLE.values(), ids=UNREADABLE.keys())
+async def test_list_shows_no_body_that_is_not_strict_json(env, raw: bytes):
+    body = raw.replace(b"@SECRET@", SECRET.encode())
+    await dead_letter(env, body)
+
+    code, out, err = await smtp_worker(env, "dead", "list")
+
+    (line,) = [json.loads(text) for text in out.splitlines()]
+    assert (0, None, None, len(body)) == (code, line["type"], line["body"], line["body_bytes"])
+    assert SECRET[1:] not in out + err
 
 
 async def test_list_without_the_queue_fails_and_says_why(env):

@@ -16,8 +16,17 @@ import aio_pika
 import pytest
 
 from tests.conftest import LOG_LINES, Env
-from tests.smtp_servers import DROP, SmtpServer, Tls, closed_port
+from tests.smtp_servers import (
+    DROP,
+    SmtpServer,
+    Tls,
+    closed_port,
+    multiline,
+    password_echoes,
+    password_leaks,
+)
 from tests.world import BIG_LIMITS, World, configure, eventually, relay_options
+from worker.mail.relay import NO_CONNECTION
 
 ATTEMPTS = 3  # len(RETRY_DELAYS) + 1
 SENT_KEYS = {"sid", "seq", "recipients", "message_id", "attempts"}
@@ -133,7 +142,8 @@ async def test_refused_connection_is_retried_then_fails_for_good(env: Env, smtp:
 
     failed = await outcome(world, "email.failed")
 
-    assert ("connection refused", ATTEMPTS, False) == (
+    # The same words as for a silent or resetting port: no port scanning through last_error.
+    assert (NO_CONNECTION, ATTEMPTS, False) == (
         failed["error"],
         failed["attempts"],
         failed["permanent"],
@@ -276,6 +286,8 @@ async def test_relay_dropping_idle_connections_still_gets_the_next_email(
     sid = await world.new_ticket("second")
 
     await smtp.wait_for(2)
+    # The relay has it; the worker records it as sent a moment later.
+    await env.client.wait_events("email.sent", count=2)
     assert 1 == (await world.ticket(sid))["delivery"]["attempts"]
 
 
@@ -304,6 +316,38 @@ async def test_redelivered_job_of_a_sent_email_is_not_sent_again(env: Env, smtp:
     ]
 
 
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_copies_of_one_job_sent_at_once_send_the_email_once(env: Env, smtp: SmtpServer):
+    """A parked job and its redelivered original can both be in the queue: whichever claims the
+    email second finds it sent, even when the first recorded it between its two reads."""
+    world = await configure(env, smtp)
+    sid = await world.new_ticket()
+    (email_id,) = await world.email_ids(sid)
+    copies = 20
+    seen = len(LOG_LINES)
+    for _ in range(copies):
+        await env.client.channel.default_exchange.publish(
+            aio_pika.Message(json.dumps({"email_id": email_id}).encode()),
+            routing_key=env.client.names.deliveries,
+        )
+
+    async def all_finished() -> bool:
+        finished = [_outcome(line, email_id) in ("sent", "done") for line in LOG_LINES[seen:]]
+        return sum(finished) >= copies
+
+    await eventually(all_finished)
+    await outcome(world, "email.sent")
+    assert 1 == len(smtp.messages)
+
+
+def _outcome(line: str, email_id: str) -> str | None:
+    record = json.loads(line)
+    if (record.get("event"), record.get("email_id")) != ("email.processed", email_id):
+        return None
+    outcome: str = record.get("outcome")
+    return outcome
+
+
 def _is_done(line: str, email_id: str) -> bool:
     """True for the log line of the delivery consumer leaving `email_id` alone: already done."""
     record = json.loads(line)
@@ -312,3 +356,53 @@ def _is_done(line: str, email_id: str) -> bool:
         email_id,
         "done",
     )
+
+
+# --- what the relay says ------------------------------------------------------------------------
+
+ECHOED = "r3lay?>Pa55~w0rd/+="
+WITHHELD = "the relay's reply was withheld: it quoted the password"
+
+
+@pytest.mark.parametrize("command", ["AUTH", "RCPT", "DATA"])
+async def test_relay_password_echoed_by_the_relay_is_never_shown(env: Env, command: str):
+    echoes = password_echoes("relay-user", ECHOED)
+    answers: list[Any] = [multiline(554, echo) for echo in echoes.values()]
+    if command == "AUTH":
+        answers.append(lambda argument: f"535 5.7.8 you sent {argument}")  # AUTH PLAIN's
+    logged = len(LOG_LINES)
+    server = SmtpServer(
+        auth=("relay-user", ECHOED), auth_mechanisms=["PLAIN"], script={command: answers}
+    )
+    async with server as smtp:
+        world = await configure(env, smtp, recipients=["oncall@example.com"])
+        sids = [await world.new_ticket(f"alert {n}") for n in range(len(answers))]
+        failed = await env.client.wait_events("email.failed", len(answers), timeout=30)
+        assert [] == smtp.messages
+
+    assert {sid: True for sid in sids} == {e["data"]["sid"]: e["data"]["permanent"] for e in failed}
+    errors = {e["data"]["error"] for e in failed}
+    errors |= {(await world.ticket(sid))["delivery"]["last_error"] for sid in sids}
+    assert {f"554 {WITHHELD}", f"535 {WITHHELD}"} >= errors
+    seen = "\n".join([*LOG_LINES[logged:], *map(json.dumps, env.client.events)])
+    assert [] == password_leaks(seen, "relay-user", ECHOED)
+
+
+async def test_relay_reply_holding_nul_fails_the_email_once(env: Env):
+    async with SmtpServer(script={"RCPT": itertools.repeat("550 d\x00\x00\x00")}) as smtp:
+        world = await configure(env, smtp, recipients=["oncall@example.com"])
+        sid = await world.new_ticket()
+
+        failed = await outcome(world, "email.failed")
+        await asyncio.sleep(1)  # time enough for a second attempt or event to show up
+
+    assert ("550 recipient refused (oncall@example.com: 550 d)", True, 1) == (
+        failed["error"],
+        failed["permanent"],
+        failed["attempts"],
+    )
+    assert 1 == len([e for e in env.client.events if e["type"] == "email.failed"])
+    assert {"status": "failed", "attempts": 1, "last_error": failed["error"]} == (
+        await world.ticket(sid)
+    )["delivery"]
+    assert [] == await env.client.dead_letters()

@@ -6,14 +6,19 @@ Every test runs on both stores, with a real SMTP server as the domain's relay.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import insert, update
 
 from tests.conftest import Env
 from tests.smtp_servers import Received, SmtpServer
 from tests.world import World, configure
+from worker.store.tables import hits, tickets
+
+MiB = 1024 * 1024
 
 
 @pytest.fixture
@@ -164,6 +169,76 @@ async def test_hit_list_pages_through_250_hits(world: World):
     assert [list(range(1, 101)), list(range(101, 201)), list(range(201, 251))] == pages
 
 
+async def hit_list_replies(world: World, sid: str) -> list[bytes]:
+    """Every page of `hit.list` from the start, as the reply bodies the broker delivered."""
+    bodies: list[bytes] = []
+    after = 0
+    while after is not None:
+        command = {"type": "hit.list", "auth": world.auth, "data": {"sid": sid, "after_seq": after}}
+        message = await world.env.client.call_raw(json.dumps(command).encode(), "hit.list")
+        reply = json.loads(message.body)
+        assert "success" == reply["status"], reply
+        bodies.append(message.body)
+        after = reply["data"]["next_after_seq"]
+    return bodies
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["x" * 60_000, '"' * 60_000, "\U0001f525" * 15_000],
+    ids=["60KB-ascii", "60KB-of-quotes-escaped-to-120KB", "15000-emoji-of-4-bytes"],
+)
+async def test_hit_list_pages_hold_at_most_one_mib_and_every_hit_once(world: World, body: str):
+    sid = await world.new_ticket()
+    await world.ok("ticket.ack", {"sid": sid})  # hits on an acknowledged ticket send no email
+    await asyncio.gather(*(hit(world, sid, f"hit {n}", body) for n in range(40)))
+
+    replies = await hit_list_replies(world, sid)
+
+    pages = [json.loads(reply)["data"]["hits"] for reply in replies]
+    assert [] == [len(reply) for reply in replies if len(reply) > MiB]
+    assert list(range(1, 41)) == [h["seq"] for page in pages for h in page]
+    assert {body} == {h["body"] for page in pages for h in page}
+    # Pages are filled, not cut short: all but the last hold at least half a MiB.
+    assert [] == [len(reply) for reply in replies[:-1] if len(reply) < MiB // 2]
+
+
+async def add_old_hits(world: World, sid: str, count: int) -> None:
+    """Stores hits 1..count of a ticket directly, as if `count` hits had come before."""
+    now = datetime.now(UTC)
+    async with world.env.store.transaction() as conn:
+        await conn.execute(
+            insert(hits),
+            [
+                {"sid": sid, "seq": n, "summary": f"old {n}", "body": None, "created_at": now}
+                for n in range(1, count + 1)
+            ],
+        )
+        await conn.execute(update(tickets).where(tickets.c.sid == sid).values(hit_count=count))
+
+
+async def test_a_ticket_keeps_its_latest_10000_hits(world: World):
+    sid = await world.new_ticket(dedup_key="disk:/var")
+    await world.ok("ticket.ack", {"sid": sid})
+    await add_old_hits(world, sid, 10_000)
+
+    seqs = [
+        await hit(world, sid, "new"),
+        await hit(world, sid, "new"),
+        # A repeat folded by dedup_key is a hit too.
+        (await world.ok("ticket.new", world.ticket_data(dedup_key="disk:/var")))["sid"] == sid,
+    ]
+
+    stored = await world.env.query(
+        "SELECT min(seq), max(seq), count(*) FROM hits WHERE sid = :sid", sid=sid
+    )
+    first = await world.ok("hit.list", {"sid": sid, "limit": 1})
+    assert [10_001, 10_002, True] == seqs
+    assert (4, 10_003, 10_000) == tuple(stored[0])
+    assert 10_003 == (await world.ticket(sid))["hit_count"]
+    assert ([4], 4) == ([h["seq"] for h in first["hits"]], first["next_after_seq"])
+
+
 async def test_hit_list_shows_every_field_of_a_hit(world: World):
     sid = await world.new_ticket()
     await hit(world, sid, "still full", "now 99%")
@@ -181,6 +256,15 @@ async def test_hit_list_of_a_ticket_without_hits_is_empty(world: World):
     sid = await world.new_ticket()
 
     assert {"hits": [], "next_after_seq": None} == await world.ok("hit.list", {"sid": sid})
+
+
+async def test_hit_list_after_the_largest_seq_is_empty(world: World):
+    sid = await world.new_ticket()
+    await hit(world, sid)
+
+    page = await world.ok("hit.list", {"sid": sid, "after_seq": 2**53 - 1})
+
+    assert {"hits": [], "next_after_seq": None} == page
 
 
 async def test_hit_list_of_exactly_one_page_has_no_next(world: World):

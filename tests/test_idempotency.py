@@ -1,5 +1,9 @@
 """Idempotency (contract section 3): a `message_id` already processed is answered, not executed.
 
+Records are kept per owner, per principal (the owner's token, or one SMTP user) and per type;
+ValidationError and AuthenticationError refusals are not remembered; a reply holding a password
+is stored encrypted; and a repeat is a redelivery only when the broker says so.
+
 Every test runs on both stores: the guarantee rests on the store's unique key, and concurrent
 duplicates race for it differently on SQLite (one writer) and PostgreSQL (many).
 """
@@ -7,13 +11,21 @@ duplicates race for it differently on SQLite (one writer) and PostgreSQL (many).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
+
 from tests.conftest import Client, Env
+from tests.smtp_servers import SmtpServer
+from tests.world import configure
+from worker.handlers.base import REGISTRY, Context
 
 ADD = "settings.smtp_user.add"
+EDIT = "settings.smtp_user.edit"
 LIMITS = {"total_limit": 100, "hourly_limit": 10}
 
 
@@ -21,9 +33,11 @@ def add_user_body(owner: dict[str, str], data: Any = None) -> bytes:
     return json.dumps({"type": ADD, "auth": owner, "data": data or LIMITS}).encode()
 
 
-async def send(client: Client, body: bytes, message_id: str | None) -> bytes:
+async def send(client: Client, body: bytes, message_id: str | None, type_: str = ADD) -> bytes:
     """Publishes one command under a correlation id of its own; returns the reply's raw body."""
-    future = await client.publish(body, ADD, message_id=message_id, correlation_id=uuid.uuid4().hex)
+    future = await client.publish(
+        body, type_, message_id=message_id, correlation_id=uuid.uuid4().hex
+    )
     assert future is not None
     return (await asyncio.wait_for(future, 20)).body
 
@@ -70,25 +84,32 @@ async def test_a_command_without_message_id_is_executed_every_time(env: Env) -> 
     assert names[0] != names[1]
 
 
-async def test_a_refused_command_gets_its_error_reply_again(env: Env) -> None:
+async def test_a_refused_command_gets_its_error_reply_again_without_running_again(
+    env: Env,
+) -> None:
     owner = await env.new_owner()
-    refused = add_user_body(owner, {"total_limit": 100, "hourly_limit": 0})
+    missing = json.dumps(
+        {"type": EDIT, "auth": owner, "data": {"smtp_user_name": "smtp_nobody"}}
+    ).encode()
 
-    first = await send(env.client, refused, "refused-twice")
-    second = await send(env.client, refused, "refused-twice")
+    first = await send(env.client, missing, "refused-twice", EDIT)
+    second = await send(env.client, missing, "refused-twice", EDIT)
 
     assert first == second
-    assert json.loads(first)["error"]["name"] == "ValidationError"
+    assert json.loads(first)["error"]["name"] == "NotFound"
+    failed = await env.client.wait_events("command.failed", count=2, timeout=0.5)
+    assert [event["data"]["command_id"] for event in failed] == ["refused-twice"]
 
 
 async def test_a_repeat_is_answered_from_the_record_whatever_its_body(env: Env) -> None:
     owner = await env.new_owner()
-    first = await send(env.client, add_user_body(owner, {"total_limit": 1, "hourly_limit": 0}), "k")
+    first = await send(env.client, add_user_body(owner), "k")
+    invalid = add_user_body(owner, {"total_limit": 1, "hourly_limit": 0})
 
-    second = await send(env.client, add_user_body(owner), "k")
+    second = await send(env.client, invalid, "k")
 
     assert first == second
-    assert await user_names(env.client, owner) == []
+    assert await user_names(env.client, owner) == [json.loads(first)["data"]["smtp_user_name"]]
 
 
 async def test_idempotency_is_per_owner(env: Env) -> None:
@@ -112,3 +133,164 @@ async def test_concurrent_duplicates_are_executed_once_and_all_get_the_same_repl
     assert len(set(replies)) == 1
     assert await user_names(env.client, owner) == [json.loads(replies[0])["data"]["smtp_user_name"]]
     assert len(await created_events(env.client)) == 1
+
+
+# --- scope: per owner, per principal, per type (contract section 3) ----------------------------
+
+
+def body_of(type_: str, auth: Any, data: Any) -> bytes:
+    return json.dumps({"type": type_, "auth": auth, "data": data}).encode()
+
+
+async def test_a_corrected_command_may_reuse_the_message_id_of_a_validation_error(
+    env: Env,
+) -> None:
+    owner = await env.new_owner()
+    refused = await send(env.client, add_user_body(owner, {"total_limit": 5}), "fix-me")
+
+    corrected = json.loads(await send(env.client, add_user_body(owner), "fix-me"))
+
+    assert json.loads(refused)["error"]["name"] == "ValidationError"
+    assert corrected["status"] == "success"
+    assert await user_names(env.client, owner) == [corrected["data"]["smtp_user_name"]]
+
+
+async def test_a_command_may_reuse_the_message_id_of_an_authentication_error(env: Env) -> None:
+    owner = await env.new_owner()
+    wrong = {"owner_id": owner["owner_id"], "token": "wrong-" + uuid.uuid4().hex}
+    refused = await send(env.client, add_user_body(wrong), "retry-auth")
+
+    retried = json.loads(await send(env.client, add_user_body(owner), "retry-auth"))
+
+    assert json.loads(refused)["error"]["name"] == "AuthenticationError"
+    assert retried["status"] == "success"
+
+
+async def test_a_repeat_of_another_type_is_a_conflict_and_changes_nothing(env: Env) -> None:
+    owner = await env.new_owner()
+    added = json.loads(await send(env.client, add_user_body(owner), "one-id"))
+    name = added["data"]["smtp_user_name"]
+    delete = body_of("settings.smtp_user.delete", owner, {"smtp_user_name": name})
+
+    reused = json.loads(await send(env.client, delete, "one-id", "settings.smtp_user.delete"))
+
+    assert (reused["status"], reused["error"]["name"]) == ("error", "Conflict")
+    assert await user_names(env.client, owner) == [name]
+    # The first command's record stands: its repeat still gets its own reply.
+    assert json.loads(await send(env.client, add_user_body(owner), "one-id")) == added
+
+
+@pytest.fixture
+async def smtp() -> AsyncIterator[SmtpServer]:
+    async with SmtpServer() as server:
+        yield server
+
+
+async def test_an_smtp_user_reusing_its_owners_message_id_gets_its_own_answer(
+    env: Env, smtp: SmtpServer
+) -> None:
+    world = await configure(env, smtp)
+    sid = await world.new_ticket()
+    added = json.loads(await send(env.client, add_user_body(world.owner), "shared-id"))
+    user = {"login": added["data"]["smtp_user_name"], "password": added["data"]["smtp_password"]}
+    get = body_of("ticket.get", user, {"sid": sid})
+
+    reply = await send(env.client, get, "shared-id", "ticket.get")
+
+    assert json.loads(reply)["data"]["ticket"]["sid"] == sid
+    assert user["password"].encode() not in reply
+
+
+async def test_two_smtp_users_of_one_owner_may_use_the_same_message_id(
+    env: Env, smtp: SmtpServer
+) -> None:
+    world = await configure(env, smtp)
+    other = await env.client.ok(ADD, world.owner, LIMITS)
+    users = [world.auth, {"login": other["smtp_user_name"], "password": other["smtp_password"]}]
+    new = [body_of("ticket.new", user, world.ticket_data()) for user in users]
+
+    replies = [json.loads(await send(env.client, body, "per-user", "ticket.new")) for body in new]
+
+    assert [reply["data"]["created"] for reply in replies] == [True, True]
+    assert replies[0]["data"]["sid"] != replies[1]["data"]["sid"]
+
+
+@pytest.mark.parametrize(
+    ("type_", "data"),
+    [(ADD, LIMITS), ("settings.smtp_user.reset_password", None)],
+    ids=["add", "reset_password"],
+)
+async def test_a_stored_reply_holding_a_password_is_encrypted(
+    env: Env, type_: str, data: Any
+) -> None:
+    owner = await env.new_owner()
+    if data is None:
+        data = {"smtp_user_name": (await env.client.ok(ADD, owner, LIMITS))["smtp_user_name"]}
+
+    first = await send(env.client, body_of(type_, owner, data), "secret-reply", type_)
+
+    password = json.loads(first)["data"]["smtp_password"]
+    rows = await env.query(
+        "SELECT reply, secret FROM processed_commands"
+        " WHERE owner_id = :owner AND message_id = 'secret-reply'",
+        owner=owner["owner_id"],
+    )
+    assert [bool(secret) for _, secret in rows] == [True]
+    assert password not in rows[0][0]
+    assert await send(env.client, body_of(type_, owner, data), "secret-reply", type_) == first
+
+
+# --- redeliveries are what the broker says (x-delivery-count) -----------------------------------
+
+FORGED = {"x-delivery-count": 10}
+
+
+async def queued_email_jobs(env: Env) -> int:
+    channel = await env.client.connection.channel()
+    try:
+        queue = await channel.declare_queue(env.client.names.deliveries, passive=True)
+        return int(queue.declaration_result.message_count or 0)
+    finally:
+        await channel.close()
+
+
+async def test_a_repeat_with_a_forged_delivery_count_gets_its_reply_only(
+    env: Env, smtp: SmtpServer
+) -> None:
+    while env.workers:  # no delivery consumer: the email jobs stay in P.deliveries, countable
+        await env.workers.pop().stop()
+    await env.start_worker(queues=("tickets", "hits", "settings"))
+    world = await configure(env, smtp)
+    body = body_of("ticket.new", world.auth, world.ticket_data())
+    first = await send(env.client, body, "forged", "ticket.new")
+
+    future = await env.client.publish(body, "ticket.new", message_id="forged", headers=FORGED)
+    assert future is not None
+    second = (await asyncio.wait_for(future, 20)).body
+
+    assert second == first
+    assert len(await env.client.wait_events("ticket.created", count=2, timeout=0.5)) == 1
+    assert await queued_email_jobs(env) == 1
+
+
+async def test_a_fresh_command_with_a_forged_delivery_count_is_not_its_last_attempt(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner = await env.new_owner()
+    spec = REGISTRY[ADD]
+    attempts: list[int] = []
+
+    async def fails_once(ctx: Context, data: Any) -> Any:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("a passing fault")
+        return await spec.handler(ctx, data)
+
+    monkeypatch.setitem(REGISTRY, ADD, dataclasses.replace(spec, handler=fails_once))
+
+    future = await env.client.publish(add_user_body(owner), ADD, headers=FORGED)
+    assert future is not None
+    reply = json.loads((await asyncio.wait_for(future, 20)).body)
+
+    assert reply["status"] == "success"
+    assert len(attempts) == 2

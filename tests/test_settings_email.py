@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import insert
 
-from tests.conftest import Env
+from tests.conftest import Env, unique_domain
 from tests.payloads import email_settings, relay_options
 from tests.smtp_servers import SmtpServer
+from worker.store.tables import channels
 
 RELAY_USER, RELAY_PASS = "relay-user", "relay-pass-7f3a9c"
 SETTINGS_KEYS = {
@@ -163,9 +166,20 @@ async def test_create_with_invalid_data_is_a_validation_error(
         ({"port": 0}, ["data", "options", "port"]),
         ({"starttls": "sometimes"}, ["data", "options", "starttls"]),
         ({"timeout": 0}, ["data", "options", "timeout"]),
+        ({"timeout": 0.5}, ["data", "options", "timeout"]),
+        ({"timeout": 120.5}, ["data", "options", "timeout"]),
+        ({"timeout": 600}, ["data", "options", "timeout"]),
         ({"auth": {"user": RELAY_USER}}, ["data", "options", "auth", "pass"]),
     ],
-    ids=["port-0", "starttls", "timeout-0", "auth-without-pass"],
+    ids=[
+        "port-0",
+        "starttls",
+        "timeout-0",
+        "timeout-half-a-second",
+        "timeout-past-120",
+        "timeout-600",
+        "auth-without-pass",
+    ],
 )
 async def test_create_with_invalid_options_is_a_validation_error(
     env: Env, owner: dict[str, str], domain: str, options: dict[str, Any], loc: list[Any]
@@ -174,6 +188,15 @@ async def test_create_with_invalid_options_is_a_validation_error(
 
     assert reply["error"]["name"] == "ValidationError"
     assert [d["loc"] for d in reply["error"]["details"]] == [loc]
+
+
+@pytest.mark.parametrize("timeout", [1, 120, 1.5, 119.99])
+async def test_timeout_between_1_and_120_seconds_is_accepted(
+    env: Env, owner: dict[str, str], domain: str, timeout: float
+):
+    created = await create(env, owner, domain, timeout=timeout)
+
+    assert timeout == created["options"]["timeout"]
 
 
 # --- update -------------------------------------------------------------------------------------
@@ -303,6 +326,8 @@ async def test_update_with_auth_null_removes_the_login(
         ({"options": {"auth": {"user": RELAY_USER}}}, ["data", "options", "auth", "pass"]),
         ({"options": {"auth": {"pass": RELAY_PASS}}}, ["data", "options", "auth", "user"]),
         ({"options": {"port": 0}}, ["data", "options", "port"]),
+        ({"options": {"timeout": 121}}, ["data", "options", "timeout"]),
+        ({"options": {"timeout": 0.9}}, ["data", "options", "timeout"]),
     ],
     ids=[
         "from-null",
@@ -314,6 +339,8 @@ async def test_update_with_auth_null_removes_the_login(
         "auth-without-stored-pass",
         "auth-without-stored-user",
         "port-0",
+        "timeout-121",
+        "timeout-0.9",
     ],
 )
 async def test_update_with_invalid_data_is_a_validation_error_naming_the_field(
@@ -359,6 +386,110 @@ async def test_deleted_domain_can_be_created_again(env: Env, owner: dict[str, st
     reply = await env.client.call("settings.email.create", owner, email_settings(domain))
 
     assert reply["status"] == "success"
+
+
+async def put_channel(env: Env, owner: dict[str, str], name: str, domain: str) -> None:
+    data = {"name": name, "domain": domain, "recipients": ["oncall@example.com"]}
+    await env.client.ok("settings.channel.put", owner, data)
+
+
+async def test_delete_of_a_domain_channels_use_is_a_conflict_naming_them(
+    env: Env, owner: dict[str, str], domain: str
+):
+    created = await create(env, owner, domain)
+    for name in ("web", "db", "db-2", "db_1"):
+        await put_channel(env, owner, name, domain)
+
+    reply = await env.client.call("settings.email.delete", owner, {"domain": domain.upper()})
+
+    assert "Conflict" == reply["error"]["name"]
+    assert {"channels": ["db", "db-2", "db_1", "web"]} == reply["error"]["details"]
+    assert created == await env.client.ok("settings.email.get", owner, {"domain": domain})
+    assert [] == await env.client.wait_events("email_settings.deleted", timeout=0.5)
+
+
+@pytest.mark.parametrize("how", ["deleted", "moved"], ids=["channel-deleted", "channel-moved"])
+async def test_delete_succeeds_once_no_channel_uses_the_domain(
+    env: Env, owner: dict[str, str], domain: str, how: str
+):
+    await create(env, owner, domain)
+    await put_channel(env, owner, "ops", domain)
+    assert (
+        "Conflict"
+        == (await env.client.call("settings.email.delete", owner, {"domain": domain}))["error"][
+            "name"
+        ]
+    )
+    if how == "deleted":
+        await env.client.ok("settings.channel.delete", owner, {"name": "ops"})
+    else:
+        other = unique_domain()
+        await create(env, owner, other)
+        await put_channel(env, owner, "ops", other)
+
+    removed = await env.client.ok("settings.email.delete", owner, {"domain": domain})
+
+    reply = await env.client.call("settings.email.get", owner, {"domain": domain})
+    assert ({"removed": 1}, "NotFound") == (removed, reply["error"]["name"])
+
+
+async def test_another_owners_channel_on_the_domain_neither_blocks_nor_shows(
+    env: Env, owner: dict[str, str], domain: str
+):
+    # A channel another owner kept on the domain from before it changed hands, written directly.
+    await create(env, owner, domain)
+    other = await env.new_owner("other")
+    now = datetime.now(UTC)
+    async with env.store.transaction() as conn:
+        await conn.execute(
+            insert(channels).values(
+                owner_id=other["owner_id"],
+                name="secret-plans",
+                domain=domain,
+                recipients=["x@example.com"],
+                subject_prefix="[secret-plans]",
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    await put_channel(env, owner, "ops", domain)
+
+    refused = await env.client.call("settings.email.delete", owner, {"domain": domain})
+    await env.client.ok("settings.channel.delete", owner, {"name": "ops"})
+    removed = await env.client.ok("settings.email.delete", owner, {"domain": domain})
+
+    assert {"channels": ["ops"]} == refused["error"]["details"]
+    assert {"removed": 1} == removed
+
+
+async def test_delete_racing_a_channel_put_never_leaves_a_channel_without_settings(
+    env: Env, owner: dict[str, str]
+):
+    domains = [unique_domain() for _ in range(30)]
+    for domain in domains:
+        await create(env, owner, domain)
+
+    async def race(n: int, domain: str) -> tuple[str, str]:
+        put, delete = await asyncio.gather(
+            env.client.call(
+                "settings.channel.put",
+                owner,
+                {"name": f"c{n}", "domain": domain, "recipients": ["oncall@example.com"]},
+            ),
+            env.client.call("settings.email.delete", owner, {"domain": domain}),
+        )
+        return put["status"], delete["status"]
+
+    outcomes = await asyncio.gather(*(race(n, domain) for n, domain in enumerate(domains)))
+
+    orphans = await env.query(
+        "SELECT c.name FROM channels c LEFT JOIN email_settings s ON s.domain = c.domain"
+        " WHERE c.owner_id = :owner AND s.id IS NULL",
+        owner=owner["owner_id"],
+    )
+    assert [] == [row.name for row in orphans]
+    # One of the two wins each race: the channel and its settings, or neither.
+    assert set() == set(outcomes) - {("success", "error"), ("error", "success")}
 
 
 # --- another owner's domain ---------------------------------------------------------------------

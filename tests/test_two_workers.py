@@ -129,6 +129,7 @@ async def cluster(amqp_url: str, postgres_admin_url: str, tmp_path: Path) -> Asy
         "prefix": settings.prefix,
         "secret_key": SECRET_KEY,
         "retry_delays": ",".join(str(delay) for delay in settings.retry_delays),
+        "relay_allow": ",".join(str(network) for network in settings.relay_allow),
     }
     workers = [await WorkerProcess.start(tmp_path, variables) for _ in range(2)]
     try:

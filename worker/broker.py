@@ -3,23 +3,35 @@
 Every name below carries the deployment's prefix `P`:
 
     P.commands (topic) --ticket.*--> P.tickets     (quorum) --+
-                       --hit.*-----> P.hits        (quorum) --+-- dead-letter --> P.dead (fanout)
-                       --settings.#> P.settings    (quorum) --+                     |
-                                     P.deliveries  (quorum) --+                  P.dead (queue)
+                       --hit.*-----> P.hits        (quorum) --+
+                       --settings.#> P.settings    (quorum) --+-- dead-letter --> P.dead (fanout)
+                       --(no match)> P.unrouted (fanout)      |                     |
+                                     `--> P.unrouted (quorum) +                  P.dead (queue)
+                                     P.deliveries  (quorum) --+
+                                     P.probes      (quorum, one active consumer) --+
     P.deliveries.delay.<ms> (classic, TTL) -- dead-letter back to --> P.deliveries
+    P.probes.delay.<ms>     (classic, TTL) -- dead-letter back to --> P.probes
     P.events (topic): domain events, routing key = event type
+
+P.unrouted is the alternate exchange of P.commands: a command whose routing key no queue is bound
+to lands there, to be answered, instead of being dropped by the broker.
+
+Replies have a confirming channel of their own, so that a reply the broker refuses (a nack, or a
+channel it closes over one reply) costs no event or email job its publishing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
+import aiormq
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
@@ -30,10 +42,17 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+from aiormq import spec
+from aiormq.abc import AbstractChannel as RawChannel
+from aiormq.exceptions import AMQPChannelError, ChannelPreconditionFailed, DeliveryError
 from aiormq.exceptions import AMQPError as AiormqError
+from pamqp.common import FieldValue
 
+from worker import reply_to as reply_names
 from worker.config import Settings
 from worker.errors import BrokerUnavailable
+
+log = structlog.get_logger("worker.broker")
 
 # Quorum queues count every return of a message (reject with requeue, a consumer's channel
 # closing); past this many returns the broker dead-letters it. Changing it means redeclaring
@@ -45,6 +64,9 @@ COMMAND_QUEUES: Mapping[str, str] = {
     "settings": "settings.#",
 }
 PUBLISH_TIMEOUT = 15.0
+# The delay queues a parked job waits in (its owner or relay had no turn for it soon:
+# worker.gate), each job in the one that matches its place in its relay's line.
+PARK_DELAYS = (1.0, 2.0, 5.0, 10.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +89,19 @@ class Names:
     def deliveries(self) -> str:
         return f"{self.prefix}.deliveries"
 
+    @property
+    def unrouted(self) -> str:
+        return f"{self.prefix}.unrouted"
+
+    @property
+    def probes(self) -> str:
+        return f"{self.prefix}.probes"
+
     def queue(self, short: str) -> str:
         return f"{self.prefix}.{short}"
 
-    def delay(self, seconds: float) -> str:
-        return f"{self.prefix}.deliveries.delay.{round(seconds * 1000)}ms"
+    def delay(self, seconds: float, short: str = "deliveries") -> str:
+        return f"{self.prefix}.{short}.delay.{round(seconds * 1000)}ms"
 
 
 def _publish_errors() -> tuple[type[BaseException], ...]:
@@ -96,17 +126,22 @@ async def settle(action: Awaitable[Any], event: str) -> None:
 
 
 class Broker:
-    """One robust connection; a confirming channel to publish; one channel per consumer."""
+    """One robust connection; confirming channels to publish; one channel per consumer."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.names = Names(settings.prefix)
         self.connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
+        self._replies: AbstractRobustChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
         # Strong references: aio-pika restores channels and consumers after a reconnect only
         # while they are alive (aio-pika issues #231, #626).
         self._consumers: list[tuple[AbstractChannel, AbstractQueue, str]] = []
+        # The broker node of the current connection, as direct reply-to tokens name it; learned
+        # again after every reconnect, since the connection may then be on another node.
+        self._reply_node: tuple[object, str | None] | None = None
+        self._reply_node_lock = asyncio.Lock()
 
     async def connect(self) -> None:
         name = f"smtp-worker {socket.gethostname()}:{os.getpid()}"
@@ -114,6 +149,7 @@ class Broker:
             self.settings.amqp_url, client_properties={"connection_name": name}
         )
         self._publisher = await self.connection.channel(publisher_confirms=True)
+        self._replies = await self.connection.channel(publisher_confirms=True)
         await self._declare(self._publisher)
 
     @property
@@ -124,33 +160,98 @@ class Broker:
             "x-dead-letter-exchange": self.names.dead,
         }
 
+    @property
+    def _commands_arguments(self) -> dict[str, FieldValue]:
+        return {"alternate-exchange": self.names.unrouted}
+
+    def _arguments(self, short: str) -> dict[str, Any]:
+        if short == "probes":
+            # One worker at a time runs the probes, so their limit per owner holds for the
+            # whole deployment; another takes over (with what was unacked) when it goes.
+            return {**self._quorum, "x-single-active-consumer": True}
+        return self._quorum
+
     async def _declare(self, channel: AbstractChannel) -> None:
         names = self.names
         topic, fanout = aio_pika.ExchangeType.TOPIC, aio_pika.ExchangeType.FANOUT
-        commands = await channel.declare_exchange(names.commands, topic, durable=True)
         self._exchanges["events"] = await channel.declare_exchange(
             names.events, topic, durable=True
         )
         dead = await channel.declare_exchange(names.dead, fanout, durable=True)
         dead_queue = await channel.declare_queue(names.dead, durable=True)
         await dead_queue.bind(dead)
+        unrouted = await channel.declare_exchange(names.unrouted, fanout, durable=True)
+        unrouted_queue = await channel.declare_queue(
+            names.unrouted, durable=True, arguments=self._quorum
+        )
+        await unrouted_queue.bind(unrouted)
+        await self._upgrade_commands_exchange()
+        commands = await channel.declare_exchange(
+            names.commands, topic, durable=True, arguments=self._commands_arguments
+        )
         for short, pattern in COMMAND_QUEUES.items():
             queue = await channel.declare_queue(
                 names.queue(short), durable=True, arguments=self._quorum
             )
             await queue.bind(commands, pattern)
         await channel.declare_queue(names.deliveries, durable=True, arguments=self._quorum)
-        for delay in self.settings.retry_delays:
+        await channel.declare_queue(names.probes, durable=True, arguments=self._arguments("probes"))
+        delays = [(d, "deliveries") for d in sorted({*self.settings.retry_delays, *PARK_DELAYS})]
+        for delay, short in [*delays, *((d, "probes") for d in PARK_DELAYS)]:
             await channel.declare_queue(
-                names.delay(delay),
+                names.delay(delay, short),
                 durable=True,
                 arguments={
                     "x-message-ttl": round(delay * 1000),
                     "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": names.deliveries,
+                    "x-dead-letter-routing-key": names.queue(short),
                 },
             )
         self._exchanges["commands"] = commands
+
+    async def _upgrade_commands_exchange(self) -> None:
+        """Gives a P.commands declared by an earlier release its alternate exchange.
+
+        An exchange's arguments cannot change, and declaring it with others is refused
+        (PRECONDITION_FAILED, which closes the channel): the old exchange is deleted and declared
+        anew. Its bindings go with it; `_declare` binds the command queues again right after.
+        """
+        name, arguments = self.names.commands, self._commands_arguments
+        try:
+            async with self._raw_channel() as channel:
+                await channel.exchange_declare(
+                    name, exchange_type="topic", durable=True, arguments=arguments
+                )
+            return
+        except ChannelPreconditionFailed:
+            pass
+        log.warning("topology.commands_exchange_upgraded", exchange=name)
+        async with self._raw_channel() as channel:
+            await channel.exchange_delete(name)
+            await channel.exchange_declare(
+                name, exchange_type="topic", durable=True, arguments=arguments
+            )
+
+    @contextlib.asynccontextmanager
+    async def _raw_channel(
+        self, *, confirms: bool = False, transport: Any = None
+    ) -> AsyncIterator[RawChannel]:
+        """A plain channel of the current connection (or of `transport`'s, not waiting for
+        another), for one-off work that the broker may refuse by closing it: unlike a robust
+        channel, nothing tries to restore it."""
+        assert self.connection is not None
+        if transport is None:
+            async with asyncio.timeout(PUBLISH_TIMEOUT):
+                await self.connection.connected.wait()
+            transport = self.connection.transport
+        if transport is None:
+            raise ConnectionError("the broker connection is down")
+        channel = await transport.connection.channel(publisher_confirms=confirms)
+        try:
+            yield channel
+        finally:
+            if not channel.is_closed:
+                await channel.close()
 
     async def consume(
         self,
@@ -161,7 +262,7 @@ class Broker:
         assert self.connection is not None
         channel = await self.connection.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=prefetch)
-        arguments = self._quorum
+        arguments = self._arguments(short)
         queue = await channel.declare_queue(
             self.names.queue(short), durable=True, arguments=arguments
         )
@@ -176,6 +277,8 @@ class Broker:
             except _publish_errors():
                 pass  # the channel is gone: the broker returns its messages anyway
 
+    # --- publishing -----------------------------------------------------------------------------
+
     async def publish(
         self,
         exchange: str,
@@ -189,28 +292,19 @@ class Broker:
     ) -> None:
         """Publishes a persistent message and waits for the broker's confirm."""
         assert self._publisher is not None
-        message = aio_pika.Message(
-            body,
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message_id,
-            correlation_id=correlation_id,
-            type=type_,
-            headers=headers,
-        )
+        message = _message(body, message_id, correlation_id, type_, headers)
         target = self._publisher.default_exchange if exchange == "" else self._exchanges[exchange]
         try:
-            async with asyncio.timeout(PUBLISH_TIMEOUT):
-                # After a reconnect aio-pika restores channels one by one, in no fixed order: the
-                # consumers' may be back before this one. Wait for it rather than fail, which
-                # would spend a delivery attempt of the message being processed.
-                await self._publisher.ready()
-                await target.publish(message, routing_key, mandatory=False)
+            await _confirmed(self._publisher, target, message, routing_key)
         except _publish_errors() as exc:
             raise BrokerUnavailable(f"publish to {exchange or 'default'} failed") from exc
 
     async def publish_event(self, routing_key: str, body: bytes) -> None:
         await self.publish("events", routing_key, body)
+
+    async def publish_delivery(self, body: bytes, *, delay: float | None = None) -> None:
+        queue = self.names.deliveries if delay is None else self.names.delay(delay)
+        await self.publish("", queue, body)
 
     async def publish_reply(
         self,
@@ -221,20 +315,165 @@ class Broker:
         type_: str | None,
         status: str,
     ) -> None:
-        await self.publish(
-            "",
-            reply_to,
-            body,
-            correlation_id=correlation_id,
-            type_=type_,
-            headers={"status": status},
-        )
+        """Publishes a reply and waits for the broker's confirm.
 
-    async def publish_delivery(self, body: bytes, *, delay: float | None = None) -> None:
-        queue = self.names.deliveries if delay is None else self.names.delay(delay)
+        A reply the broker refuses, by a nack or by closing the channel over it, is that reply's
+        own problem: it is dropped, with a `reply.dropped` log line, and the command stands. So is
+        a reply to a queue that no longer exists (the broker drops it). BrokerUnavailable only
+        when the connection is down.
+        """
+        assert self._replies is not None
+        # The connection may have moved to another node since the command was accepted.
+        node = reply_names.token_node(reply_to)
+        if node is not None and node != await self.reply_node():
+            log.warning("reply.dropped", reason="direct reply-to token of another node")
+            return
+        message = self.reply_message(body, correlation_id, type_, {"status": status})
+        try:
+            try:
+                await _confirmed(self._replies, self._replies.default_exchange, message, reply_to)
+                return
+            except DeliveryError:
+                log.warning("reply.dropped", reason="nack")
+                return
+            except (AMQPChannelError, ChannelInvalidStateError):
+                # The broker closed the reply channel: over this reply, or over another one in
+                # flight with it. Alone on a channel of its own, this reply shows which. On the
+                # same connection only: after a connection loss, the command is requeued instead
+                # (its redelivery publishes the stored reply once the broker is back).
+                transport = self.connection.transport if self.connection else None
+                if transport is None or transport.connection.is_closed:
+                    raise BrokerUnavailable("the broker connection is down") from None
+            try:
+                async with (
+                    asyncio.timeout(PUBLISH_TIMEOUT),
+                    self._raw_channel(confirms=True, transport=transport) as channel,
+                ):
+                    await channel.basic_publish(
+                        message.body, routing_key=reply_to, properties=message.properties
+                    )
+            except (DeliveryError, AMQPChannelError) as exc:
+                log.warning("reply.dropped", reason=type(exc).__name__)
+        except _publish_errors() as exc:
+            raise BrokerUnavailable("publish of a reply failed") from exc
+
+    @staticmethod
+    def reply_message(
+        body: bytes, correlation_id: str | None, type_: str | None, headers: dict[str, Any]
+    ) -> aio_pika.Message:
+        return _message(body, None, correlation_id, type_, headers)
+
+    # --- reply_to -------------------------------------------------------------------------------
+
+    async def reply_to_refusal(self, reply_to: str) -> str | None:
+        """Why a command may not name `reply_to` (see worker.reply_to); None when it may."""
+        own = None
+        if reply_names.token_node(reply_to) is not None:
+            own = await self.reply_node()
+        return reply_names.refusal(reply_to, self.names.prefix, own)
+
+    async def reply_node(self) -> str | None:
+        """The broker node of the current connection as direct reply-to tokens name it.
+
+        Learned from the broker itself: a token it makes for a channel of ours. None when the
+        broker forms its tokens in a way worker.reply_to does not know: tokens are then refused.
+        """
+        assert self.connection is not None
+        async with self._reply_node_lock:
+            try:
+                async with asyncio.timeout(PUBLISH_TIMEOUT):
+                    await self.connection.connected.wait()
+                transport = self.connection.transport
+                if self._reply_node is None or self._reply_node[0] is not transport:
+                    self._reply_node = (transport, await self._learn_reply_node(transport))
+            except _publish_errors() as exc:
+                raise BrokerUnavailable("the broker node is unknown") from exc
+            return self._reply_node[1]
+
+    async def _learn_reply_node(self, transport: Any) -> str | None:
+        async with self._raw_channel(transport=transport) as channel:
+            # A publish naming `amq.rabbitmq.reply-to` needs a consumer of it on its channel.
+            await channel.basic_consume(reply_names.DIRECT_REPLY_TO, _ignore, no_ack=True)
+            probe = (await channel.queue_declare(exclusive=True, auto_delete=True)).queue or ""
+            try:
+                await channel.basic_publish(
+                    b"",
+                    routing_key=probe,
+                    properties=spec.Basic.Properties(reply_to=reply_names.DIRECT_REPLY_TO),
+                )
+                async with asyncio.timeout(PUBLISH_TIMEOUT):
+                    got = await channel.basic_get(probe, no_ack=True)
+                    while not isinstance(got.delivery, spec.Basic.GetOk):
+                        await asyncio.sleep(0.01)
+                        got = await channel.basic_get(probe, no_ack=True)
+            finally:
+                await channel.queue_delete(probe)
+        token = got.header.properties.reply_to or ""
+        node = reply_names.token_node(token)
+        if node is None:
+            log.warning("broker.direct_reply_to_unknown", token_length=len(token))
+        return node
+
+    async def consuming(self) -> int | None:
+        """How many consumers are registered on open channels; None while the connection or the
+        publishing channel is down (a reconnect reopens channels and consumers one by one)."""
+        connection = self.connection
+        if (
+            connection is None
+            or connection.is_closed
+            or not connection.connected.is_set()
+            or self._publisher is None
+            or self._publisher.is_closed
+        ):
+            return None
+        registered = 0
+        for channel, _queue, tag in self._consumers:
+            if not channel.is_closed:
+                underlay = await channel.get_underlay_channel()
+                registered += isinstance(underlay, aiormq.Channel) and tag in underlay.consumers
+        return registered
+
+    async def publish_probe(self, body: bytes, *, delay: float | None = None) -> None:
+        queue = self.names.probes if delay is None else self.names.delay(delay, "probes")
         await self.publish("", queue, body)
 
     async def close(self) -> None:
         if self.connection is not None:
             await self.connection.close()
         self._consumers.clear()
+
+
+def _message(
+    body: bytes,
+    message_id: str | None,
+    correlation_id: str | None,
+    type_: str | None,
+    headers: dict[str, Any] | None,
+) -> aio_pika.Message:
+    return aio_pika.Message(
+        body,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message_id,
+        correlation_id=correlation_id,
+        type=type_,
+        headers=headers,
+    )
+
+
+async def _confirmed(
+    channel: AbstractRobustChannel,
+    target: AbstractExchange,
+    message: aio_pika.Message,
+    routing_key: str,
+) -> None:
+    async with asyncio.timeout(PUBLISH_TIMEOUT):
+        # After a reconnect aio-pika restores channels one by one, in no fixed order: the
+        # consumers' may be back before this one. Wait for it rather than fail, which would
+        # spend a delivery attempt of the message being processed.
+        await channel.ready()
+        await target.publish(message, routing_key, mandatory=False)
+
+
+async def _ignore(message: Any) -> None:
+    """Consumer of the reply-node probe's pseudo-queue: nothing is ever sent to it."""

@@ -1,24 +1,35 @@
 """The command consumer: THE one place that decides what happens to a command message.
 
-    body --parse--> command --authenticate, idempotency, handler (one transaction)--> result
+    body --read (worker.parsing)--> command or envelope
+         --authenticate, idempotency, complete, handler (one transaction)--> result
          --publish reply, events, email jobs (confirmed)--> ack
 
-| what happened                              | reply          | message                   |
-|--------------------------------------------|----------------|---------------------------|
-| success, or a repeat of a processed one    | success/stored | ack                       |
-| refused by the rules (CommandError)        | error          | ack, `command.failed`     |
-| unreadable (not JSON/object, too large…)   | ValidationError| reject, no requeue: P.dead|
-| passing fault, unexpected error            | none           | reject with requeue       |
-| ... on its last delivery attempt           | GeneralError   | reject, no requeue: P.dead|
-| the reply or an event cannot be published  | none           | reject with requeue       |
-| its channel closed while it ran            | none (not yet) | back in the queue already |
-| a bug in this module (it must not happen)  | none           | reject with requeue       |
+| what happened                                    | reply           | message                    |
+|--------------------------------------------------|-----------------|----------------------------|
+| success, or a repeat of a processed one          | success/stored  | ack                        |
+| a probe, checked: queued on P.probes             | worker.probes   | ack                        |
+| refused by the rules (CommandError)              | error           | ack, `command.failed`      |
+| unreadable: not JSON/object, too large, unknown  | ValidationError | reject, no requeue: P.dead |
+|   type, routing key not the type; and every      |                 |                            |
+|   message of P.unrouted                          |                 |                            |
+| a reply_to it may not name (worker.reply_to)     | none, not run   | reject, no requeue: P.dead |
+| passing fault, unexpected error                  | none            | reject with requeue        |
+| ... on its last delivery attempt (as the broker  | GeneralError    | reject, no requeue: P.dead |
+|   counts them, not a publisher's header)         |                 |                            |
+| its reply refused by the broker (a nack, its     | dropped         | ack                        |
+|   channel closed over it), or its queue gone     |                 |                            |
+| the broker connection lost while publishing      | none            | reject with requeue        |
+| its channel closed while it ran                  | none (not yet)  | back in the queue already  |
+| a bug in this module (it must not happen)        | none            | reject with requeue        |
+
+Idempotency records are kept per owner, principal and type. Refusals are remembered like
+successes, but for ValidationError and AuthenticationError: a corrected command may reuse their
+message_id. A message_id the principal already used for another type is a Conflict.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,7 +41,8 @@ from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import ChannelInvalidStateError
 from pydantic_core import to_json
 
-from schemas import COMMANDS, CommandBody, command_adapter
+from schemas import CommandBody
+from worker import parsing
 from worker.broker import DELIVERY_LIMIT, Broker, settle
 from worker.config import Settings
 from worker.errors import (
@@ -40,6 +52,7 @@ from worker.errors import (
     CommandError,
     CommitUnknown,
     ConcurrentWrite,
+    Conflict,
     StoreUnavailable,
     UnreadableMessage,
     ValidationError,
@@ -53,6 +66,9 @@ from worker.handlers.base import (
     authenticate,
     event_body,
 )
+from worker.jobs import ProbeJob
+from worker.metrics import Metrics
+from worker.parsing import MAX_DETAILS, Envelope
 from worker.security import Keyring
 from worker.store import Store, idempotency
 
@@ -62,8 +78,7 @@ log = structlog.get_logger("worker.consumer")
 # not burn the message's delivery attempts; past that the message is requeued.
 STORE_BACKOFF = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 10.0)
 CONCURRENT_WRITE_RETRIES = 5
-_UNREADABLE_TYPES = frozenset({"json_invalid", "json_type", "dict_type", "model_type"})
-_MAX_SHORTSTR = 255
+MAX_REPLY_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,21 +88,22 @@ class Meta:
     message_id: str | None
     reply_to: str | None
     correlation_id: str | None
+    routing_key: str | None
     redelivered: bool
     delivery_count: int
 
     @classmethod
     def of(cls, message: AbstractIncomingMessage) -> Meta:
-        headers = message.headers or {}
-        count = headers.get("x-delivery-count", 0)
-        reply_to = message.reply_to
-        if reply_to is not None and not (0 < len(reply_to) <= _MAX_SHORTSTR):
-            reply_to = None
+        # A redelivery is what the broker says, not what a header claims: any publisher can set
+        # `x-delivery-count`; the broker sets it (over the publisher's) only on a redelivery.
+        redelivered = bool(message.redelivered)
+        count = (message.headers or {}).get("x-delivery-count", 0) if redelivered else 0
         return cls(
             message_id=message.message_id or None,
-            reply_to=reply_to,
+            reply_to=message.reply_to,
             correlation_id=message.correlation_id or message.message_id or None,
-            redelivered=bool(message.redelivered) or bool(count),
+            routing_key=message.routing_key,
+            redelivered=redelivered,
             delivery_count=count if isinstance(count, int) else 0,
         )
 
@@ -98,61 +114,22 @@ class Meta:
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    reply: bytes
+    reply: bytes | None  # None: the probe consumer answers (worker.probes)
     effects: list[Effect]
     outcome: str
     status: str = "success"
 
 
-class _InvalidData(Exception):
-    """The body is a command of a known type, but its `auth` or `data` breaks the rules."""
+class _MessageIdReused(Conflict):
+    """The principal already used this message_id for a command of another type."""
 
-    def __init__(self, type_: str, errors: list[Any], auth: Any) -> None:
-        self.type = type_
-        self.errors = errors
-        self.auth = auth
+    def __init__(self) -> None:
+        super().__init__("this message_id was already used for a command of another type")
 
 
-def _raise_if_unreadable(first: Any) -> None:
-    """The first validation error of a body that cannot be read as a command at all."""
-    if first["type"] in _UNREADABLE_TYPES and not first["loc"]:
-        raise UnreadableMessage("the body is not a JSON object", [{"loc": [], "msg": first["msg"]}])
-    if first["type"] == "union_tag_not_found":
-        raise UnreadableMessage(
-            "the body has no command type", [{"loc": ["type"], "msg": "Field required"}]
-        )
-    if first["type"] == "union_tag_invalid":
-        raise UnreadableMessage(
-            "unknown command type", [{"loc": ["type"], "msg": "unknown command type"}]
-        )
-
-
-def _nul_errors(raw: dict[str, Any]) -> list[dict[str, Any]]:
-    """An error, located like pydantic's, for every string of `auth` or `data` holding U+0000.
-
-    PostgreSQL text cannot hold that character (SQLite can): refusing it here, before any query
-    sees it, answers the same on both stores instead of failing in the store on one.
-    """
-    found: list[dict[str, Any]] = []
-
-    def walk(value: Any, loc: tuple[Any, ...]) -> None:
-        if isinstance(value, str) and "\x00" in value:
-            found.append({"loc": loc, "msg": "must not contain the NUL character"})
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                walk(item, (*loc, key))
-        elif isinstance(value, list):
-            for index, item in enumerate(value):
-                walk(item, (*loc, index))
-
-    for part in ("auth", "data"):
-        walk(raw.get(part), (raw["type"], part))
-    return found
-
-
-def _details(errors: list[Any]) -> list[dict[str, Any]]:
-    # The first element of a loc is the union tag; the sender never wrote it.
-    return [{"loc": list(e["loc"][1:]), "msg": e["msg"]} for e in errors]
+# Refusals not recorded for the message_id: a corrected command may reuse it. A reused one
+# cannot be recorded: the first command's record holds the key.
+_NOT_REMEMBERED = (ValidationError, AuthenticationError, _MessageIdReused)
 
 
 def error_reply(
@@ -169,56 +146,42 @@ def error_reply(
 
 
 def success_reply(type_: str, command_id: str | None, data: pydantic.BaseModel) -> bytes:
-    return to_json(
+    reply = to_json(
         {"status": "success", "type": type_, "command_id": command_id, "data": data},
         by_alias=True,
     )
+    if len(reply) > MAX_REPLY_BYTES:
+        # Raised before the transaction commits: the command changes nothing.
+        raise ValidationError(
+            "the reply would be larger than 16 MiB; ask for less at once",
+            [{"loc": ["data"], "msg": "the reply would be larger than 16 MiB"}],
+        )
+    return reply
+
+
+def _bounded(details: Any) -> Any:
+    return details[:MAX_DETAILS] if isinstance(details, list) else details
 
 
 class CommandConsumer:
-    def __init__(self, settings: Settings, store: Store, broker: Broker, keyring: Keyring) -> None:
+    """Consumes the command queues; with `unrouted`, P.unrouted, whose messages are all refused."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        broker: Broker,
+        keyring: Keyring,
+        metrics: Metrics | None = None,
+        *,
+        unrouted: bool = False,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.broker = broker
         self.keyring = keyring
-
-    # --- parsing --------------------------------------------------------------------------------
-
-    def parse(self, body: bytes) -> CommandBody:
-        if len(body) > self.settings.max_message_bytes:
-            raise UnreadableMessage(
-                f"the body is larger than {self.settings.max_message_bytes} bytes",
-                [{"loc": [], "msg": "too large"}],
-            )
-        command: CommandBody | None = None
-        errors: list[Any] = []
-        try:
-            command = command_adapter.validate_json(body)
-        except pydantic.ValidationError as exc:
-            errors = exc.errors(include_url=False, include_input=False, include_context=False)
-            _raise_if_unreadable(errors[0])
-        # In valid JSON, U+0000 can only be written as this escape.
-        if command is not None and b"\\u0000" not in body:
-            return command
-        raw = json.loads(body)  # valid JSON object: pydantic got past the tag
-        errors += _nul_errors(raw)
-        if command is not None and not errors:
-            return command
-        raise _InvalidData(raw["type"], errors, raw.get("auth"))
-
-    @staticmethod
-    def _guess_type(body: bytes) -> str | None:
-        """The `type` of an unreadable body, as its reply can carry it back."""
-        try:
-            value = json.loads(body)
-        except (ValueError, RecursionError):
-            return None
-        type_ = value.get("type") if isinstance(value, dict) else None
-        if not isinstance(type_, str):
-            return None
-        # The reply's `type` property is an AMQP short string, at most 255 bytes of UTF-8, and
-        # JSON escapes may hold lone surrogates, which neither UTF-8 nor the reply's JSON encode.
-        return type_.encode(errors="ignore")[:_MAX_SHORTSTR].decode(errors="ignore")
+        self.metrics = metrics or Metrics()
+        self.unrouted = unrouted
 
     # --- the message's fate ---------------------------------------------------------------------
 
@@ -246,12 +209,27 @@ class CommandConsumer:
                 outcome=outcome,
                 duration_ms=round((time.perf_counter() - started) * 1000, 2),
             )
+            # The routing key is the type of every readable command; metrics bound the rest.
+            self.metrics.command_processed(
+                message.routing_key, outcome, time.perf_counter() - started
+            )
             structlog.contextvars.clear_contextvars()
 
     async def _process(self, message: AbstractIncomingMessage, meta: Meta) -> str:
-        type_: str | None = None
-        invalid: _InvalidData | None = None
-        command: CommandBody | None = None
+        try:
+            refusal = (
+                None if meta.reply_to is None else await self.broker.reply_to_refusal(meta.reply_to)
+            )
+        except BrokerUnavailable:
+            await settle(message.reject(requeue=True), "command.settle_failed")
+            return "requeued"
+        if refusal is not None:
+            # Not run, not answered: publishing to that name could crash the broker's channel
+            # and with it this worker's connection (see worker.reply_to).
+            log.warning("command.reply_to_refused", reason=refusal)
+            await settle(message.reject(requeue=False), "command.settle_failed")
+            return "unreadable"
+
         try:
             if meta.message_id is not None and len(meta.message_id) > 128:
                 raise UnreadableMessage(
@@ -264,25 +242,27 @@ class CommandConsumer:
                     "message_id holds the NUL character",
                     [{"loc": ["properties", "message_id"], "msg": "must not contain NUL"}],
                 )
-            try:
-                command = self.parse(message.body)
-                type_ = command.type
-            except _InvalidData as exc:
-                invalid, type_ = exc, exc.type
+            if self.unrouted:
+                raise UnreadableMessage(
+                    "unknown or unroutable command type",
+                    [{"loc": ["type"], "msg": "no command queue takes this routing key"}],
+                )
+            parsed = parsing.read(message.body, meta.routing_key, self.settings.max_message_bytes)
         except UnreadableMessage as exc:
-            type_ = self._guess_type(message.body)
+            type_ = parsing.guess_type(message.body)
             structlog.contextvars.bind_contextvars(type=type_)
             reply = error_reply(type_, meta.message_id, exc.name, exc.message, exc.details)
             await self._reply_quietly(meta, reply, type_, "error")
             await settle(message.reject(requeue=False), "command.settle_failed")
             return "unreadable"
 
+        type_ = parsed.type
         structlog.contextvars.bind_contextvars(type=type_)
         spec = REGISTRY.get(type_)
         try:
             if spec is None:
                 raise NotImplementedError(f"no handler for {type_}")
-            result = await self._execute(spec, command, invalid, meta)
+            result = await self._execute(spec, parsed, message.body, meta)
         except Exception as exc:
             transient = isinstance(exc, StoreUnavailable | BrokerUnavailable)
             log.warning(
@@ -329,37 +309,39 @@ class CommandConsumer:
 
     async def _publish(self, meta: Meta, type_: str, result: Result) -> None:
         jobs = []
-        if meta.reply_to is not None:
-            jobs.append(
-                self.broker.publish_reply(
-                    meta.reply_to,
-                    result.reply,
-                    correlation_id=meta.correlation_id,
-                    type_=type_,
-                    status=result.status,
-                )
-            )
         for effect in result.effects:
             if effect.kind == "event":
                 jobs.append(self.broker.publish_event(effect.routing_key, effect.body))
+            elif effect.kind == "probe":
+                jobs.append(self.broker.publish_probe(effect.body))
             else:
                 jobs.append(self.broker.publish_delivery(effect.body))
         outcomes = await asyncio.gather(*jobs, return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
+        # The reply last: replies have a channel of their own, and a reply confirmed before a
+        # broker outage cut its command's events short would be sent again on the redelivery.
+        if meta.reply_to is not None and result.reply is not None:
+            await self.broker.publish_reply(
+                meta.reply_to,
+                result.reply,
+                correlation_id=meta.correlation_id,
+                type_=type_,
+                status=result.status,
+            )
 
     # --- execution ------------------------------------------------------------------------------
 
     async def _execute(
-        self, spec: Spec, command: CommandBody | None, invalid: _InvalidData | None, meta: Meta
+        self, spec: Spec, parsed: CommandBody | Envelope, body: bytes, meta: Meta
     ) -> Result:
         conflicts = 0
         backoff = iter(STORE_BACKOFF)
         maybe_done = meta.redelivered
         while True:
             try:
-                return await self._execute_once(spec, command, invalid, meta, maybe_done)
+                return await self._execute_once(spec, parsed, body, meta, maybe_done)
             except ConcurrentWrite:
                 conflicts += 1
                 if conflicts > CONCURRENT_WRITE_RETRIES:
@@ -378,8 +360,8 @@ class CommandConsumer:
     async def _execute_once(
         self,
         spec: Spec,
-        command: CommandBody | None,
-        invalid: _InvalidData | None,
+        parsed: CommandBody | Envelope,
+        body: bytes,
         meta: Meta,
         maybe_done: bool,
     ) -> Result:
@@ -387,87 +369,97 @@ class CommandConsumer:
         principal: Principal | None = None
         try:
             async with self.store.transaction() as conn:
-                principal = await authenticate(
-                    conn, self.keyring, spec.auth, self._auth(spec, command, invalid)
-                )
+                auth = parsed.auth
+                if auth is None:
+                    raise AuthenticationError()
+                principal = await authenticate(conn, self.keyring, spec.auth, auth)
                 if meta.message_id is not None:
-                    found = await idempotency.find(conn, principal.owner_id, meta.message_id, now)
+                    found = await idempotency.find(
+                        conn, principal.owner_id, principal.user or "", meta.message_id, now
+                    )
                     if found is not None:
+                        if found.type != spec.type:
+                            raise _MessageIdReused()
+                        reply = found.reply
+                        if found.secret:
+                            reply = self.keyring.decrypt(reply.decode()).encode()
                         # A redelivery may follow a crash between commit and publish, a retry
                         # a commit never confirmed: publish everything again. A fresh repeat
                         # gets its reply only.
                         effects = found.effects if maybe_done else []
-                        return Result(found.reply, effects, "duplicate", _status(found.reply))
-                if invalid is not None:
-                    raise ValidationError("the command's data is invalid", _details(invalid.errors))
-                assert command is not None
+                        return Result(reply, effects, "duplicate", found.status)
+                # Only now, its sender known, is the data of an envelope read in full.
+                command = parsing.complete(body, parsed) if isinstance(parsed, Envelope) else parsed
                 ctx = Context(conn, principal, now, self.keyring, self.settings)
                 data = await spec.handler(ctx, command.data)
                 if spec.finish is None:
                     reply = success_reply(spec.type, meta.message_id, data)
-                    await self._record(conn, principal, meta, spec.type, reply, ctx.effects, now)
+                    await self._record(
+                        conn, principal, meta, spec, "success", reply, ctx.effects, now
+                    )
                     await ctx.finish()
                     return Result(reply, ctx.effects, "success")
-            # Slow I/O after the transaction; its reply is recorded in a second one.
-            data = await spec.finish(data)
-            reply = success_reply(spec.type, meta.message_id, data)
-            if meta.message_id is not None:
-                async with self.store.transaction() as conn:
-                    await self._record(conn, principal, meta, spec.type, reply, ctx.effects, now)
-            return Result(reply, ctx.effects, "success")
+            # A probe waits on a relay for up to its timeout: the probe consumer runs it, and
+            # answers and records it, without holding this consumer's slot (contract 5).
+            job = ProbeJob(
+                type=spec.type,
+                owner_id=principal.owner_id,
+                user=principal.user,
+                data=command.data.model_dump(mode="json", by_alias=True),
+                message_id=meta.message_id,
+                reply_to=meta.reply_to,
+                correlation_id=meta.correlation_id,
+            )
+            return Result(None, [Effect("probe", "", job.dump())], "queued")
         except CommandError as exc:
-            return await self._refused(spec.type, principal, meta, exc, now)
-
-    @staticmethod
-    def _auth(spec: Spec, command: CommandBody | None, invalid: _InvalidData | None) -> Any:
-        if command is not None:
-            return command.auth
-        assert invalid is not None
-        if any(len(e["loc"]) > 1 and e["loc"][1] == "auth" for e in invalid.errors):
-            raise AuthenticationError()
-        # `auth` is fine, only `data` is not: who asked decides the event and idempotency scope.
-        return COMMANDS[spec.type][0].model_validate(invalid.auth)
+            return await self._refused(spec, principal, meta, exc, now)
 
     async def _record(
         self,
         conn: Any,
         principal: Principal,
         meta: Meta,
-        type_: str,
+        spec: Spec,
+        status: str,
         reply: bytes,
         effects: list[Effect],
         now: datetime,
     ) -> None:
         if meta.message_id is None:
             return
+        secret = spec.secret and status == "success"
         await idempotency.record(
             conn,
             owner_id=principal.owner_id,
+            principal=principal.user or "",
             message_id=meta.message_id,
-            type_=type_,
-            reply=reply,
+            type_=spec.type,
+            status=status,
+            reply=self.keyring.encrypt(reply.decode()).encode() if secret else reply,
+            secret=secret,
             effects=effects,
             now=now,
             ttl=self.settings.idempotency_ttl,
         )
 
     async def _refused(
-        self, type_: str, principal: Principal | None, meta: Meta, exc: CommandError, now: datetime
+        self, spec: Spec, principal: Principal | None, meta: Meta, exc: CommandError, now: datetime
     ) -> Result:
         structlog.contextvars.bind_contextvars(error=exc.name)
-        reply = error_reply(type_, meta.message_id, exc.name, exc.message, exc.details)
+        details = _bounded(exc.details)
+        reply = error_reply(spec.type, meta.message_id, exc.name, exc.message, details)
         owner_id = principal.owner_id if principal else None
         failed = {
-            "type": type_,
+            "type": spec.type,
             "command_id": meta.message_id,
-            "error": {"name": exc.name, "message": exc.message, "details": exc.details},
+            "error": {"name": exc.name, "message": exc.message, "details": details},
         }
         effects = [
             Effect("event", "command.failed", event_body("command.failed", owner_id, now, failed))
         ]
-        if principal is not None and meta.message_id is not None:
+        if principal is not None and not isinstance(exc, _NOT_REMEMBERED):
             async with self.store.transaction() as conn:
-                await self._record(conn, principal, meta, type_, reply, effects, now)
+                await self._record(conn, principal, meta, spec, "error", reply, effects, now)
         return Result(reply, effects, "refused", "error")
 
 
@@ -478,7 +470,3 @@ def _returned(message: AbstractIncomingMessage) -> bool:
     except ChannelInvalidStateError:
         return True
     return False
-
-
-def _status(reply: bytes) -> str:
-    return "error" if reply.startswith(b'{"status":"error"') else "success"

@@ -15,7 +15,7 @@ again lands at the tail of P.dead, and must not be replayed twice in one run.
 from __future__ import annotations
 
 import json
-import re
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -44,11 +44,10 @@ BROKER_HEADERS = frozenset(
         "x-last-death-reason",
     }
 )
-# A secret's value in a JSON body, even a truncated or malformed one: the preview masks it.
-_SECRET_VALUE = re.compile(
-    r'("(?:password|token|pass|smtp_password|secret)"\s*:\s*)"(?:[^"\\]|\\.)*"?', re.IGNORECASE
-)
-_REDACTED = r'\1"********"'
+# Keys whose values `dead list` masks, at any depth and in any case; under `auth`, every value.
+SECRET_KEYS = frozenset({"token", "password", "pass", "smtp_password", "secret"})
+AUTH_KEY = "auth"
+MASK = "********"
 
 
 class DeadLetterError(Exception):
@@ -110,29 +109,85 @@ def target_of(names: Names, message: AbstractIncomingMessage) -> Target | None:
     return None
 
 
-def preview(body: bytes) -> str:
-    """The body's first characters, decoded leniently, with every secret's value masked."""
-    text = body.decode("utf-8", errors="replace")
-    masked = _SECRET_VALUE.sub(_REDACTED, text[: PREVIEW_CHARACTERS * 4])
-    return masked[:PREVIEW_CHARACTERS] + ("…" if len(masked) > PREVIEW_CHARACTERS else "")
+class _Untrusted(ValueError):
+    """A body that parses, but not into something a preview may show as it is."""
 
 
-def _body_type(body: bytes) -> str | None:
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # With a key twice, a reader of the JSON might take either value: show neither.
+    if len({key for key, _ in pairs}) != len(pairs):
+        raise _Untrusted("duplicate key")
+    return dict(pairs)
+
+
+def _constant(name: str) -> Any:
+    raise _Untrusted(f"not JSON: {name}")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Untrusted(f"not a finite number: {text}")
+    return value
+
+
+def parse(body: bytes) -> tuple[bool, Any]:
+    """(True, the value) of a body that is strict JSON in UTF-8; (False, None) otherwise.
+
+    Strict: no NaN or Infinity, no number beyond a float's range, no key twice in an object,
+    and UTF-8 only (json.loads would guess UTF-16 or UTF-32 from a body's bytes).
+    """
     try:
-        value = json.loads(body)
+        value = json.loads(
+            body.decode("utf-8"),
+            object_pairs_hook=_object,
+            parse_constant=_constant,
+            parse_float=_finite,
+        )
     except (ValueError, RecursionError):
+        return False, None
+    return True, value
+
+
+def masked(value: Any) -> Any:
+    """`value` with every secret's value replaced by MASK; see SECRET_KEYS."""
+    if isinstance(value, dict):
+        return {key: _masked_item(key, item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [masked(item) for item in value]
+    return value
+
+
+def _masked_item(key: str, value: Any) -> Any:
+    # casefold, not lower: it also folds "PASSWORD" written with a long s (U+017F).
+    folded = key.casefold()
+    if folded in SECRET_KEYS:
+        return MASK
+    if folded == AUTH_KEY:
+        return {name: MASK for name in value} if isinstance(value, dict) else MASK
+    return masked(value)
+
+
+def preview(value: Any) -> str | None:
+    """The first characters of a parsed body, re-serialized with every secret's value masked."""
+    try:
+        text = json.dumps(masked(value), ensure_ascii=False)
+    except RecursionError:
         return None
-    type_ = value.get("type") if isinstance(value, dict) else None
-    return type_ if isinstance(type_, str) else None
+    return text[:PREVIEW_CHARACTERS] + ("…" if len(text) > PREVIEW_CHARACTERS else "")
 
 
 def describe(names: Names, message: AbstractIncomingMessage) -> dict[str, Any]:
     """One line of `smtp-worker dead list`."""
     death = Death.of(message.headers)
     target = target_of(names, message)
+    # A body that is not strict JSON is not shown at all: what a secret looks like in it cannot
+    # be known, so no pattern could be trusted to mask it.
+    readable, value = parse(message.body)
+    type_ = value.get("type") if isinstance(value, dict) else None
     return {
         "routing_key": message.routing_key,
-        "type": _body_type(message.body),
+        "type": type_ if isinstance(type_, str) else None,
         "message_id": message.message_id,
         "correlation_id": message.correlation_id,
         "reason": death.reason if death else None,
@@ -141,7 +196,7 @@ def describe(names: Names, message: AbstractIncomingMessage) -> dict[str, Any]:
         "died_at": death.time.isoformat() if death and death.time else None,
         "replay_to": str(target) if target else None,
         "body_bytes": len(message.body),
-        "body": preview(message.body),
+        "body": preview(value) if readable else None,
     }
 
 

@@ -178,7 +178,8 @@ class Load:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.names = Names(settings.prefix)
-        self.reply_queue_name = f"{settings.prefix}.faults.replies"
+        # Not `P.…`: the worker refuses to reply to its own queues.
+        self.reply_queue_name = f"{settings.prefix}-faults-replies"
         self.replies: dict[str, list[dict[str, Any]]] = {}
         self.connection: aio_pika.abc.AbstractRobustConnection | None = None
         self.channel: aio_pika.abc.AbstractRobustChannel | None = None
@@ -319,6 +320,8 @@ class Rig:
             "SMTP_WORKER_RETRY_DELAYS": ",".join(str(d) for d in self.settings.retry_delays),
             "SMTP_WORKER_LOG_LEVEL": "INFO",
             "SMTP_WORKER_LOG_FORMAT": "json",
+            "SMTP_WORKER_RELAY_ALLOW": "127.0.0.0/8",
+            "SMTP_WORKER_HTTP": "",
         }
         return environment | {f"SMTP_WORKER_{k.upper()}": v for k, v in overrides.items()}
 

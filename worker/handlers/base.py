@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from schemas.envelope import OwnerAuth, UserAuth
 from worker.config import Settings
 from worker.errors import AuthenticationError, Forbidden
+from worker.jobs import DeliveryJob
 from worker.security import Keyring
 from worker.store.tables import owners, smtp_users
 
@@ -38,9 +39,10 @@ class Principal:
 
 @dataclass(frozen=True, slots=True)
 class Effect:
-    """Something to publish after commit: an event, or an email job for the delivery queue."""
+    """Something to publish after commit: an event, an email job for the delivery queue, or a
+    probe job for the probe queue."""
 
-    kind: Literal["event", "delivery"]
+    kind: Literal["event", "delivery", "probe"]
     routing_key: str
     body: bytes
 
@@ -81,8 +83,9 @@ class Context:
             Effect("event", type_, event_body(type_, self.owner_id, self.now, data))
         )
 
-    def deliver(self, email_id: str) -> None:
-        self.effects.append(Effect("delivery", "", to_json({"email_id": email_id})))
+    def deliver(self, email_id: str, domain: str) -> None:
+        job = DeliveryJob(email_id=email_id, owner_id=self.owner_id, domain=domain)
+        self.effects.append(Effect("delivery", "", job.dump()))
 
     def run_last(self, step: Callable[[], Awaitable[None]]) -> None:
         self.last.append(step)
@@ -102,23 +105,27 @@ class Spec:
     type: str
     auth: AuthKind
     handler: Handler
-    # A handler with slow I/O (a relay probe) returns what `finish` needs, and `finish` runs
-    # after the transaction, so no store connection or SQLite lock is held across the network.
+    # A handler with slow I/O (a relay probe) returns what `finish` needs. The command consumer
+    # runs the handler (authentication, checks) and queues the command on P.probes; the probe
+    # consumer runs the handler again, then `finish` after its transaction, so neither a command
+    # slot nor a store connection is held across the network (worker.probes).
     finish: Finish | None = None
+    # Its reply holds a secret (a new password): its idempotency record is stored encrypted.
+    secret: bool = False
 
 
 REGISTRY: dict[str, Spec] = {}
 
 
 def command(
-    type_: str, auth: AuthKind, *, finish: Finish | None = None
+    type_: str, auth: AuthKind, *, finish: Finish | None = None, secret: bool = False
 ) -> Callable[[Callable[[Context, Any], Awaitable[Any]]], Callable[[Context, Any], Awaitable[Any]]]:
     def register(
         handler: Callable[[Context, Any], Awaitable[Any]],
     ) -> Callable[[Context, Any], Awaitable[Any]]:
         if type_ in REGISTRY:
             raise RuntimeError(f"two handlers for {type_}")
-        REGISTRY[type_] = Spec(type_, auth, handler, finish)
+        REGISTRY[type_] = Spec(type_, auth, handler, finish, secret)
         return handler
 
     return register

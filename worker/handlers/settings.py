@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from collections.abc import Iterable
+from email.utils import parseaddr
+from typing import Any, Literal
 
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Row
 
 from schemas import settings as s
+from schemas._types import distinct_addresses
 from worker.errors import Conflict, NotFound, ValidationError
 from worker.handlers.base import Context, command
+from worker.mail.policy import Network, is_allowed, literal_address
 from worker.mail.relay import Relay, probe
 from worker.security import new_id, new_token
 from worker.store.tables import channels, email_settings, smtp_users
+
+Lock = Literal["share", "update"] | None
 
 # --- email settings -----------------------------------------------------------------------------
 
@@ -56,21 +62,41 @@ def _stored_options(options: s.SmtpOptions) -> dict[str, Any]:
     }
 
 
-async def _own_settings(ctx: Context, domain: str) -> Row[Any]:
-    row = (
-        await ctx.conn.execute(
-            select(email_settings).where(
-                email_settings.c.domain == domain, email_settings.c.owner_id == ctx.owner_id
-            )
-        )
-    ).first()
+async def _own_settings(ctx: Context, domain: str, lock: Lock = None) -> Row[Any]:
+    """The owner's settings of `domain`; `lock` takes its row lock (PostgreSQL; SQLite has one
+    writer at a time anyway) until the transaction ends."""
+    query = select(email_settings).where(
+        email_settings.c.domain == domain, email_settings.c.owner_id == ctx.owner_id
+    )
+    if lock is not None:
+        query = query.with_for_update(read=lock == "share")
+    row = (await ctx.conn.execute(query)).first()
     if row is None:
         raise NotFound("email settings", [domain])
     return row
 
 
+def _check_host(ctx: Context, host: str) -> None:
+    """Refuses an IP address the relay address policy denies, in any spelling a resolver takes.
+
+    Host names are checked when the worker connects, against every address they resolve to.
+    """
+    address = literal_address(host)
+    if address is not None and not is_allowed(address, ctx.settings.relay_allow):
+        raise ValidationError(
+            "invalid settings",
+            [
+                {
+                    "loc": ["data", "options", "host"],
+                    "msg": "the address is not allowed: a relay must be at a public address",
+                }
+            ],
+        )
+
+
 @command("settings.email.create", "owner")
 async def create_email_settings(ctx: Context, data: s.EmailSettingsCreate) -> s.EmailSettings:
+    _check_host(ctx, data.options.host)
     taken = await ctx.conn.scalar(
         select(email_settings.c.id).where(email_settings.c.domain == data.domain)
     )
@@ -146,6 +172,8 @@ async def update_email_settings(ctx: Context, data: s.EmailSettingsUpdate) -> s.
     if "options" in given:
         if data.options is None:
             raise _null("options")
+        if data.options.host is not None:
+            _check_host(ctx, data.options.host)
         options, pass_enc = _merge_options(ctx, options, pass_enc, data.options)
     values: dict[str, Any] = {"options": options, "auth_pass_enc": pass_enc, "updated_at": ctx.now}
     for field, column in (
@@ -168,7 +196,19 @@ async def update_email_settings(ctx: Context, data: s.EmailSettingsUpdate) -> s.
 
 @command("settings.email.delete", "owner")
 async def delete_email_settings(ctx: Context, data: s.DomainRef) -> s.Removed:
-    row = await _own_settings(ctx, data.domain)
+    # Locked before the channels are read: a concurrent settings.channel.put of this domain
+    # (which holds the lock shared) either commits first and is seen below, or waits and then
+    # finds the settings gone.
+    row = await _own_settings(ctx, data.domain, lock="update")
+    names = sorted(
+        await ctx.conn.scalars(
+            select(channels.c.name).where(
+                channels.c.owner_id == ctx.owner_id, channels.c.domain == row.domain
+            )
+        )
+    )
+    if names:
+        raise Conflict(f"channels still use the domain {row.domain}", {"channels": names})
     await ctx.conn.execute(delete(email_settings).where(email_settings.c.id == row.id))
     ctx.emit("email_settings.deleted", {"domain": data.domain})
     return s.Removed()
@@ -182,10 +222,12 @@ async def _probe(relay: Relay) -> s.EmailTestResult:
 @command("settings.email.test", "owner", finish=_probe)
 async def test_email_settings(ctx: Context, data: s.DomainRef) -> Relay:
     row = await _own_settings(ctx, data.domain)
-    return relay_of(row, ctx.keyring.decrypt(row.auth_pass_enc) if row.auth_pass_enc else None)
+    password = ctx.keyring.decrypt(row.auth_pass_enc) if row.auth_pass_enc else None
+    return relay_of(row, password, ctx.settings.relay_allow)
 
 
-def relay_of(row: Row[Any], password: str | None) -> Relay:
+def relay_of(row: Row[Any], password: str | None, allow: Iterable[Network] = ()) -> Relay:
+    """The relay of a row of email settings; `allow` is SMTP_WORKER_RELAY_ALLOW."""
     options = row.options
     return Relay(
         host=options["host"],
@@ -195,7 +237,10 @@ def relay_of(row: Row[Any], password: str | None) -> Relay:
         reject_unauthorized=options["rejectUnauthorized"],
         username=options.get("auth_user"),
         password=password,
-        timeout=float(options["timeout"]),
+        # Settings stored before the contract bounded the timeout may hold more.
+        timeout=min(max(float(options["timeout"]), s.TIMEOUT_MIN), s.TIMEOUT_MAX),
+        allow=tuple(allow),
+        sender=parseaddr(row.sender)[1] or row.sender,
     )
 
 
@@ -238,7 +283,7 @@ async def _own_user(ctx: Context, name: str) -> Row[Any]:
     return row
 
 
-@command("settings.smtp_user.add", "owner")
+@command("settings.smtp_user.add", "owner", secret=True)
 async def add_smtp_user(ctx: Context, data: s.SmtpUserAdd) -> s.SmtpUserCreated:
     name, password = f"smtp_{secrets.token_hex(8)}", new_token()
     await ctx.conn.execute(
@@ -283,7 +328,7 @@ async def edit_smtp_user(ctx: Context, data: s.SmtpUserEdit) -> s.SmtpUser:
     return out
 
 
-@command("settings.smtp_user.reset_password", "owner")
+@command("settings.smtp_user.reset_password", "owner", secret=True)
 async def reset_smtp_password(ctx: Context, data: s.SmtpUserRef) -> s.SmtpUserPassword:
     row = await _own_user(ctx, data.smtp_user_name)
     password = new_token()
@@ -322,7 +367,8 @@ def _channel_out(row: Any) -> s.Channel:
     return s.Channel(
         name=row.name,
         domain=row.domain,
-        recipients=row.recipients,
+        # A channel put before recipients were de-duplicated may still hold one twice.
+        recipients=distinct_addresses(row.recipients),
         subject_prefix=row.subject_prefix,
         created_at=row.created_at,
         updated_at=row.updated_at,
@@ -342,7 +388,7 @@ async def own_channel(ctx: Context, name: str) -> Row[Any]:
 
 @command("settings.channel.put", "owner")
 async def put_channel(ctx: Context, data: s.ChannelPut) -> s.Channel:
-    await _own_settings(ctx, data.domain)
+    await _own_settings(ctx, data.domain, lock="share")
     existing = (
         await ctx.conn.execute(
             select(channels.c.created_at).where(

@@ -14,10 +14,15 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, insert, select, update
+from pydantic_core import to_json
+from sqlalchemy import BigInteger, and_, bindparam, case, delete, func, insert, select, update
 from sqlalchemy.engine import Row
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from schemas import tickets as t
+from schemas._types import distinct_addresses
 from worker.errors import Conflict, NotFound, QuotaExceeded
 from worker.handlers.base import Context, command
 from worker.security import new_id
@@ -101,6 +106,13 @@ _OPEN_TICKET_BY_DEDUP_KEY = select(tickets).where(
 _NEW_TICKET = insert(tickets)
 _NEW_EMAIL = insert(emails)
 
+# A ticket keeps its latest HITS_KEPT hits. Pruning on every new hit deletes at most the one that
+# fell out, found through the primary key (sid, seq).
+HITS_KEPT = 10_000
+_PRUNE_HITS = delete(hits).where(
+    hits.c.sid == bindparam("sid"), hits.c.seq <= bindparam("oldest_gone")
+)
+
 
 async def _consume_quota(ctx: Context, count: int) -> None:
     """Counts `count` emails against the sender's limits, or refuses with QuotaExceeded."""
@@ -136,6 +148,8 @@ async def _queue_email(
     ctx: Context, sid: str, seq: int | None, domain: str, recipients: list[str]
 ) -> None:
     """Stores the email's job (published after commit) and counts it against the quota."""
+    # Channels put before recipients were de-duplicated may still list one address twice.
+    recipients = distinct_addresses(recipients)
 
     async def count() -> None:
         await _consume_quota(ctx, len(recipients))
@@ -165,7 +179,7 @@ async def _queue_email(
             .where(tickets.c.sid == sid)
             .values(delivery_status="pending", delivery_attempts=0, delivery_last_error=None)
         )
-    ctx.deliver(email_id)
+    ctx.deliver(email_id, domain)
 
 
 async def _channel_with_settings(ctx: Context, name: str) -> Row[Any]:
@@ -192,6 +206,8 @@ async def _append_hit(ctx: Context, ticket: Row[Any], summary: str, body: str | 
     await ctx.conn.execute(
         insert(hits).values(sid=ticket.sid, seq=seq, summary=summary, body=body, created_at=ctx.now)
     )
+    if seq > HITS_KEPT:
+        await ctx.conn.execute(_PRUNE_HITS, {"sid": ticket.sid, "oldest_gone": seq - HITS_KEPT})
     if ticket.status != "acknowledged":
         channel = await _channel_with_settings(ctx, ticket.channel)
         await _queue_email(ctx, ticket.sid, seq, channel.domain, channel.recipients)
@@ -236,6 +252,8 @@ async def new_ticket(ctx: Context, data: t.TicketNew) -> t.TicketCreated:
         "delivery_status": "pending",
         "delivery_attempts": 0,
         "delivery_last_error": None,
+        # The domain of the ticket's Message-ID: its hits thread under it wherever they are sent.
+        "thread_domain": channel.domain,
     }
     # The unique index on open dedup keys turns a concurrent twin into a retry that folds.
     await ctx.conn.execute(_NEW_TICKET, values)
@@ -332,21 +350,77 @@ async def new_hit(ctx: Context, data: t.HitNew) -> t.HitCreated:
     return t.HitCreated(seq=seq)
 
 
+class octet_length(FunctionElement[int]):  # noqa: N801 (named as the SQL function)
+    """The length of a text in bytes of UTF-8: `octet_length`, which SQLite lacks before 3.43."""
+
+    type = BigInteger()
+    inherit_cache = True
+
+
+@compiles(octet_length)
+def _octet_length(element: octet_length, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"octet_length({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(octet_length, "sqlite")
+def _octet_length_sqlite(element: octet_length, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"length(CAST({compiler.process(element.clauses, **kw)} AS BLOB))"
+
+
+# A hit.list reply is at most 1 MiB: its hits, and room for the envelope around them (status,
+# type, a command_id of up to 255 bytes escaped six-fold, next_after_seq).
+PAGE_BYTES = 1024 * 1024
+_ENVELOPE_BYTES = 4096
+# Bytes of a hit's JSON besides its summary and body, at least: `{"seq":1,"summary":"",
+# "body":"","created_at":"2024-01-01T00:00:00Z"}` and a comma.
+_HIT_OVERHEAD = 64
+_AFTER = bindparam("after", type_=BigInteger)  # after_seq may pass what the seq column holds
+_HIT_SIZES = (
+    select(
+        hits.c.seq,
+        (octet_length(hits.c.summary) + func.coalesce(octet_length(hits.c.body), 0)).label("size"),
+    )
+    .where(hits.c.sid == bindparam("sid"), hits.c.seq > _AFTER)
+    .order_by(hits.c.seq)
+    .limit(bindparam("limit"))
+)
+_HITS_BETWEEN = (
+    select(hits)
+    .where(hits.c.sid == bindparam("sid"), hits.c.seq > _AFTER, hits.c.seq <= bindparam("last"))
+    .order_by(hits.c.seq)
+)
+
+
 @command("hit.list", "user")
 async def list_hits(ctx: Context, data: t.HitList) -> t.HitPage:
+    """One page of hits: at most `limit` of them, and at most PAGE_BYTES of reply.
+
+    The sizes come first (two integers a row; PostgreSQL knows a stored text's length without
+    reading it), so only the rows that can fit are read. Their bytes in the page's JSON are at
+    least their UTF-8 bytes (escapes only add), so the rows read are measured and the page ends
+    where the real size would pass the budget; it always holds one hit when any remain.
+    """
     await _own_tickets(ctx, [data.sid])
-    rows = list(
-        await ctx.conn.execute(
-            select(hits)
-            .where(hits.c.sid == data.sid, hits.c.seq > data.after_seq)
-            .order_by(hits.c.seq)
-            .limit(data.limit + 1)
-        )
-    )
-    page = rows[: data.limit]
-    return t.HitPage(
-        hits=[
-            t.Hit(seq=r.seq, summary=r.summary, body=r.body, created_at=r.created_at) for r in page
-        ],
-        next_after_seq=page[-1].seq if len(rows) > data.limit else None,
-    )
+    params = {"sid": data.sid, "after": data.after_seq}
+    sizes = (await ctx.conn.execute(_HIT_SIZES, {**params, "limit": data.limit + 1})).all()
+    budget = PAGE_BYTES - _ENVELOPE_BYTES - len("[]")
+    fitting, estimate = 0, 0
+    for row in sizes[: data.limit]:
+        estimate += row.size + _HIT_OVERHEAD
+        if fitting and estimate > budget:
+            break
+        fitting += 1
+    if not fitting:
+        return t.HitPage(hits=[], next_after_seq=None)
+    last = sizes[fitting - 1].seq
+    page: list[t.Hit] = []
+    used = 0
+    for row in await ctx.conn.execute(_HITS_BETWEEN, {**params, "last": last}):
+        hit = t.Hit(seq=row.seq, summary=row.summary, body=row.body, created_at=row.created_at)
+        used += len(to_json(hit)) + (1 if page else 0)
+        if page and used > budget:
+            break
+        page.append(hit)
+    more = len(page) < len(sizes)
+    # `last`, should concurrent pruning have taken every hit this page was to hold.
+    return t.HitPage(hits=page, next_after_seq=(page[-1].seq if page else last) if more else None)

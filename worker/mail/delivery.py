@@ -1,33 +1,38 @@
 """The delivery consumer: one message on `P.deliveries` per email to send.
 
-    {"email_id": ...} --claim the email (a lease)--> compose --SmtpPool.send-->
+    {"email_id", "owner_id", "domain"} --a turn at its relay and owner (worker.gate)-->
+        no turn soon: parked (republished to a short delay queue, acked; no attempt spent)
+    --claim the email (a lease), once its relay has a free connection--> compose --SmtpPool.send-->
         sent:      mark sent, `email.sent`, ack
         transient: count the attempt, republish to the delay queue of RETRY_DELAYS[n], ack;
                    past the last delay: mark failed, `email.failed` (permanent: false)
         permanent: mark failed, `email.failed` (permanent: true), ack
 
 Retries wait in delay queues (a TTL that dead-letters back to P.deliveries), never in a sleeping
-consumer. An email already sent or failed is not sent again when its job comes back (a redelivery
-after a crash); its outcome event is published again instead, since the crash may have lost it.
+consumer. So do emails whose relay is saturated: a relay that is slow or never answers holds only
+its own few turns (one per pooled connection), never the prefetch slots other relays' emails
+need, and an owner holds at most SENDS_PER_OWNER turns across its relays (contract 5).
+
+An email already sent or failed is not sent again when its job comes back (a redelivery after a
+crash); its outcome event is published again instead, since the crash may have lost it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from email.message import EmailMessage
-from email.utils import parseaddr
 from typing import Any
 
+import pydantic
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy import or_, select, update
 from sqlalchemy.engine import Row
 
-from worker.broker import Broker, settle
+from schemas._types import split_mailbox
+from worker.broker import PARK_DELAYS, Broker, settle
 from worker.config import Settings
 from worker.errors import (
     SmtpPermanentError,
@@ -35,10 +40,13 @@ from worker.errors import (
     StoreUnavailable,
     TransientError,
 )
+from worker.gate import Gate, Park, Turn
 from worker.handlers.base import event_body
 from worker.handlers.settings import relay_of
+from worker.jobs import DeliveryJob
 from worker.mail.compose import hit_email, hit_message_id, ticket_email, ticket_message_id
 from worker.mail.relay import Relay, SmtpPool
+from worker.metrics import Metrics
 from worker.security import Keyring
 from worker.store import Store
 from worker.store.tables import channels, email_settings, emails, hits, tickets
@@ -49,6 +57,21 @@ STORE_BACKOFF = (0.1, 0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0)
 # Long enough for one send through a slow relay; a worker killed while sending holds the email
 # this long before another may send it.
 LEASE = timedelta(seconds=60)
+# Turns per relay: one per pooled connection, so that a send never waits for one while it holds
+# its email's lease. And per owner, across its relays, so that many dead relays of one owner
+# cannot hold every slot either.
+CONNECTIONS_PER_RELAY = 4
+SENDS_PER_OWNER = 16
+# A relay where no send started or ended for this long is taken for one that does not answer:
+# its emails do not wait in-process for it, they are parked. Other owners' emails never wait
+# on it (the caps below see to that), so it only needs to outlast a busy worker's slowest
+# healthy sends.
+PATIENCE = 5.0
+# Emails waiting in-process for a turn: per relay (or owner), and in all at most half the
+# prefetch (app.py), so that the other half always takes the next emails in the queue, if only
+# to park them, and a healthy relay's email behind them finds its turn.
+MAX_WAITING = 64
+MAX_WAITING_TOTAL = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,16 +81,31 @@ class Job:
     email: Row[Any]
     relay: Relay
     sender: str
-    message: EmailMessage
+    message_id: str
+    message: bytes
 
 
 class DeliveryConsumer:
-    def __init__(self, settings: Settings, store: Store, broker: Broker, keyring: Keyring) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        broker: Broker,
+        keyring: Keyring,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.broker = broker
         self.keyring = keyring
-        self.pool = SmtpPool()
+        self.metrics = metrics or Metrics()
+        self.pool = SmtpPool(max_per_relay=CONNECTIONS_PER_RELAY)
+        self.gate = Gate(
+            PARK_DELAYS,
+            max_waiting=MAX_WAITING,
+            max_waiting_total=MAX_WAITING_TOTAL,
+            patience=PATIENCE,
+        )
 
     async def close(self) -> None:
         await self.pool.close()
@@ -76,16 +114,14 @@ class DeliveryConsumer:
         started = time.perf_counter()
         outcome = "unknown"
         try:
-            email_id = json.loads(message.body)["email_id"]
-            if not isinstance(email_id, str):
-                raise TypeError("email_id")
-        except (ValueError, KeyError, TypeError):
+            job = DeliveryJob.load(message.body)
+        except pydantic.ValidationError:
             log.error("delivery.unreadable")
             await settle(message.reject(requeue=False), "delivery.settle_failed")
             return
-        structlog.contextvars.bind_contextvars(email_id=email_id)
+        structlog.contextvars.bind_contextvars(email_id=job.email_id)
         try:
-            outcome = await self._deliver(email_id, bool(message.redelivered))
+            outcome = await self._process(job, bool(message.redelivered))
             await settle(message.ack(), "delivery.settle_failed")
         except TransientError as exc:
             outcome = "requeued"
@@ -115,16 +151,61 @@ class DeliveryConsumer:
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
-    async def _deliver(self, email_id: str, redelivered: bool) -> str:
+    async def _process(self, job: DeliveryJob, redelivered: bool) -> str:
+        if job.owner_id is None or job.domain is None:
+            # Queued by an older release: the email says whose it is and which relay it takes.
+            found = await self._with_store(self._complete, job)
+            if found is None:
+                return "missing"
+            job = found
+        turn = await self.gate.enter(
+            [
+                (("owner", job.owner_id), SENDS_PER_OWNER),
+                (("relay", job.domain), CONNECTIONS_PER_RELAY),
+            ]
+        )
+        if isinstance(turn, Park):
+            return await self._park(job, turn.delay)
+        with turn:
+            outcome = await self._deliver(job, redelivered, turn)
+        if outcome == "saturated":
+            return await self._park(job, PARK_DELAYS[0])
+        return outcome
+
+    async def _complete(self, job: DeliveryJob) -> DeliveryJob | None:
+        async with self.store.transaction() as conn:
+            email = (
+                await conn.execute(
+                    select(emails.c.owner_id, emails.c.domain).where(emails.c.id == job.email_id)
+                )
+            ).first()
+        if email is None:
+            return None
+        return job.model_copy(update={"owner_id": email.owner_id, "domain": email.domain})
+
+    async def _park(self, job: DeliveryJob, delay: float) -> str:
+        """No turn at its relay soon: back in the queue for later, with no attempt spent."""
+        await self.broker.publish_delivery(job.parked_again().dump(), delay=delay)
+        return "parked"
+
+    async def _deliver(self, delivery: DeliveryJob, redelivered: bool, turn: Turn) -> str:
         now = datetime.now(UTC)
+        email_id = delivery.email_id
         job: Job | str = await self._with_store(self._claim, email_id, now, redelivered)
         if isinstance(job, str):
             if job == "busy":
                 # Another worker is sending it (or died doing so): look again after a delay.
-                await self._publish_job(email_id, self.settings.retry_delays[0])
+                await self.broker.publish_delivery(
+                    delivery.dump(), delay=self.settings.retry_delays[0]
+                )
             return job
         try:
-            await self.pool.send(job.relay, job.message, job.sender, job.email.recipients)
+            try:
+                await self.pool.send(job.relay, job.message, job.sender, job.email.recipients)
+            finally:
+                # The relay is done with it: its bookkeeping (the store, the event) must not
+                # hold the relay's turn, which another email can use at once.
+                turn.release()
         except SmtpPermanentError as exc:
             return await self._finish(job, "failed", str(exc), permanent=True)
         except SmtpTransientError as exc:
@@ -132,15 +213,19 @@ class DeliveryConsumer:
             if attempts > len(self.settings.retry_delays):
                 return await self._finish(job, "failed", str(exc), permanent=False)
             await self._record(job.email, "pending", attempts, str(exc))
-            await self._publish_job(job.email.id, self.settings.retry_delays[attempts - 1])
+            self.metrics.email_processed("retried")
+            retry = DeliveryJob(
+                email_id=job.email.id, owner_id=job.email.owner_id, domain=job.email.domain
+            )
+            await self.broker.publish_delivery(
+                retry.dump(), delay=self.settings.retry_delays[attempts - 1]
+            )
             return "retry"
         return await self._finish(job, "sent", None, permanent=False)
 
-    async def _publish_job(self, email_id: str, delay: float) -> None:
-        await self.broker.publish_delivery(json.dumps({"email_id": email_id}).encode(), delay=delay)
-
     async def _claim(self, email_id: str, now: datetime, redelivered: bool) -> Job | str:
-        """Takes the email for sending, or says why not (`done`, `busy`, `missing`)."""
+        """Takes the email for sending, or says why not (`done`, `busy`, `missing`, or
+        `saturated`: its relay, shared with another domain, has no free connection)."""
         async with self.store.transaction() as conn:
             email = (await conn.execute(select(emails).where(emails.c.id == email_id))).first()
             if email is None:
@@ -149,17 +234,6 @@ class DeliveryConsumer:
                 if redelivered:
                     await self._republish_outcome(email)
                 return "done"
-            claimed = await conn.execute(
-                update(emails)
-                .where(
-                    emails.c.id == email_id,
-                    or_(emails.c.lease_until.is_(None), emails.c.lease_until < now),
-                )
-                .values(lease_until=now + LEASE)
-            )
-            if claimed.rowcount != 1:
-                return "busy"
-            ticket = (await conn.execute(select(tickets).where(tickets.c.sid == email.sid))).one()
             settings = (
                 await conn.execute(
                     select(email_settings).where(
@@ -168,6 +242,31 @@ class DeliveryConsumer:
                     )
                 )
             ).first()
+            relay = None
+            if settings is not None:
+                password = (
+                    self.keyring.decrypt(settings.auth_pass_enc) if settings.auth_pass_enc else None
+                )
+                relay = relay_of(settings, password, self.settings.relay_allow)
+                # The lease is taken only once a connection is there to send it with.
+                if not self.pool.has_free_connection(relay):
+                    return "saturated"
+            claimed = await conn.execute(
+                update(emails)
+                .where(
+                    emails.c.id == email_id,
+                    # Read again by the UPDATE itself: another job for the same email (a parked
+                    # copy and its redelivered original) may have sent it since the SELECT above,
+                    # and a sent email's lease is free.
+                    emails.c.status == "pending",
+                    or_(emails.c.lease_until.is_(None), emails.c.lease_until < now),
+                )
+                .values(lease_until=now + LEASE)
+            )
+            if claimed.rowcount != 1:
+                status = await conn.scalar(select(emails.c.status).where(emails.c.id == email_id))
+                return "busy" if status == "pending" else "done"
+            ticket = (await conn.execute(select(tickets).where(tickets.c.sid == email.sid))).one()
             prefix = await conn.scalar(
                 select(channels.c.subject_prefix).where(
                     channels.c.owner_id == email.owner_id, channels.c.name == ticket.channel
@@ -180,27 +279,45 @@ class DeliveryConsumer:
                         select(hits).where(hits.c.sid == email.sid, hits.c.seq == email.seq)
                     )
                 ).one()
-        if settings is None:
+        if settings is None or relay is None:
             return await self._finish_without_job(email, f"no email settings for {email.domain}")
-        password = self.keyring.decrypt(settings.auth_pass_enc) if settings.auth_pass_enc else None
+        # The ticket's Message-ID is fixed when it is created (NULL only on a ticket older than the
+        # column whose first email is gone); its channel may have moved to another domain since.
+        thread_domain = ticket.thread_domain or email.domain
         common = {
             "sid": ticket.sid,
-            "domain": email.domain,
             "sender": settings.sender,
             "recipients": email.recipients,
             "subject_prefix": prefix if prefix is not None else f"[{ticket.channel}]",
             "title": ticket.title,
         }
-        if hit is None:
-            message = ticket_email(
-                **common, body=ticket.body, severity=ticket.severity, created_at=ticket.created_at
-            )
-        else:
-            message = hit_email(
-                **common, seq=hit.seq, summary=hit.summary, body=hit.body, created_at=hit.created_at
-            )
-        envelope_sender = parseaddr(settings.sender)[1] or settings.sender
-        return Job(email, relay_of(settings, password), envelope_sender, message)
+        try:
+            if hit is None:
+                message_id = ticket_message_id(ticket.sid, thread_domain)
+                message = ticket_email(
+                    **common,
+                    domain=thread_domain,
+                    body=ticket.body,
+                    severity=ticket.severity,
+                    created_at=ticket.created_at,
+                )
+            else:
+                message_id = hit_message_id(ticket.sid, hit.seq, email.domain)
+                message = hit_email(
+                    **common,
+                    domain=email.domain,
+                    thread_domain=thread_domain,
+                    seq=hit.seq,
+                    summary=hit.summary,
+                    body=hit.body,
+                    created_at=hit.created_at,
+                )
+            envelope_sender = split_mailbox(settings.sender).address
+        except ValueError as exc:
+            # Text stored before today's rules (a `from` they refuse, a line break in a title):
+            # sending it could not be right, and retrying would not change it.
+            return await self._finish_without_job(email, f"the email cannot be composed: {exc}")
+        return Job(email, relay, envelope_sender, message_id, message)
 
     async def _record(self, email: Row[Any], status: str, attempts: int, error: str | None) -> None:
         """Writes the email's state, mirrored on its ticket's `delivery`, and frees its lease."""
@@ -235,13 +352,16 @@ class DeliveryConsumer:
         email = job.email
         attempts = email.attempts + 1
         await self._record(email, status, attempts, error)
+        self.metrics.email_processed(status, email.created_at)
         updated = email._asdict() | {"status": status, "attempts": attempts, "last_error": error}
-        await self._publish_outcome(updated, job.message["Message-ID"], permanent=permanent)
+        await self._publish_outcome(updated, job.message_id, permanent=permanent)
         return status
 
     async def _finish_without_job(self, email: Row[Any], error: str) -> str:
-        """An email that cannot be composed (its domain lost its settings): failed for good."""
+        """An email that cannot be composed (its domain lost its settings, or text stored before
+        today's rules breaks them): failed for good."""
         await self._record(email, "failed", email.attempts, error)
+        self.metrics.email_processed("failed")
         updated = email._asdict() | {"status": "failed", "last_error": error}
         await self._publish_outcome(updated, None, permanent=True)
         return "failed"

@@ -1,0 +1,280 @@
+"""The probe consumer: relay probes (`settings.email.test`) run off the command consumers.
+
+A probe waits on a relay for up to its timeout, so the command consumer does not run it: it
+authenticates the command and checks its domain, queues a ProbeJob on P.probes (confirmed), and
+acks the command. Here, per job:
+
+    a turn: at most PROBES_PER_OWNER probes run at once per owner, PROBES_WAITING more wait
+            in-process; the others are parked (republished to a delay queue, acked) and come back
+    --> the reply recorded for its message_id, if there is one (a repeat or a redelivery)
+    --> or: the handler again (reads and decrypts the settings), the probe, record the reply
+    --> publish the reply --> ack
+
+| what happened                                  | reply               | job                   |
+|------------------------------------------------|---------------------|-----------------------|
+| probed, or its command's reply was recorded    | success / recorded  | ack                   |
+| its domain's settings were deleted meanwhile   | NotFound            | ack, `command.failed` |
+| no turn for its owner                          | none yet            | parked, ack           |
+| passing fault (store, broker), unexpected error| none                | reject with requeue   |
+| ... on its last delivery attempt               | GeneralError        | reject: P.dead        |
+| unreadable job                                 | none                | reject: P.dead        |
+
+P.probes has a single active consumer: one worker runs every probe, so the limit per owner holds
+across workers, and when that worker dies the next one gets its unacked jobs and runs them again.
+Two jobs can answer one command (a repeat arrived while its probe ran): with a message_id, the
+first to record its reply wins, and both send that reply, as a repeat gets the first reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import pydantic
+import structlog
+from aio_pika.abc import AbstractIncomingMessage
+
+from schemas import COMMANDS
+from worker.broker import PARK_DELAYS, Broker, settle
+from worker.config import Settings
+from worker.consumer import Meta, _returned, error_reply, success_reply
+from worker.errors import (
+    GENERAL_ERROR_MESSAGE,
+    BrokerUnavailable,
+    CommandError,
+    ConcurrentWrite,
+    StoreUnavailable,
+)
+from worker.gate import Gate, Park
+from worker.handlers.base import REGISTRY, Context, Effect, Principal, Spec, event_body
+from worker.jobs import ProbeJob
+from worker.security import Keyring
+from worker.store import Store, idempotency
+
+log = structlog.get_logger("worker.probes")
+
+PROBES_PER_OWNER = 4
+PROBES_WAITING = 4  # per owner, each holding a prefetch slot; more are parked
+# Jobs held at once: running (at most 4 per owner), waiting (4 per owner) and being parked.
+PROBE_PREFETCH = 256
+STORE_BACKOFF = (0.1, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    reply: bytes
+    status: str
+    effects: list[Effect]
+    recorded: bool = False  # found recorded: another job (or this one, before) answered first
+
+
+class ProbeConsumer:
+    def __init__(self, settings: Settings, store: Store, broker: Broker, keyring: Keyring) -> None:
+        self.settings = settings
+        self.store = store
+        self.broker = broker
+        self.keyring = keyring
+        self.gate = Gate(PARK_DELAYS, max_waiting=PROBES_WAITING)
+
+    async def __call__(self, message: AbstractIncomingMessage) -> None:
+        started = time.perf_counter()
+        try:
+            job = ProbeJob.load(message.body)
+            spec = REGISTRY.get(job.type)
+            if spec is None or spec.finish is None:
+                raise ValueError(f"{job.type} is not a probe")
+        except (pydantic.ValidationError, ValueError):
+            log.error("probe.unreadable")
+            await settle(message.reject(requeue=False), "probe.settle_failed")
+            return
+        structlog.contextvars.bind_contextvars(
+            type=job.type, message_id=job.message_id, correlation_id=job.correlation_id
+        )
+        outcome = "unknown"
+        try:
+            outcome = await self._process(message, job, spec)
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except Exception:
+            log.exception("probe.crashed")
+            outcome = "crashed"
+            await settle(message.reject(requeue=True), "probe.settle_failed")
+        finally:
+            log.info(
+                "probe.processed",
+                outcome=outcome,
+                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            )
+            structlog.contextvars.clear_contextvars()
+
+    async def _process(self, message: AbstractIncomingMessage, job: ProbeJob, spec: Spec) -> str:
+        turn = await self.gate.enter([(job.owner_id, PROBES_PER_OWNER)])
+        if isinstance(turn, Park):
+            return await self._park(message, job, turn.delay)
+        meta = Meta.of(message)
+        with turn:
+            try:
+                answer = await self._answer(job, spec)
+            except Exception as exc:
+                transient = isinstance(exc, StoreUnavailable | BrokerUnavailable)
+                log.warning(
+                    "probe.failed_attempt",
+                    error=type(exc).__name__,
+                    transient=transient,
+                    exc_info=not transient,
+                    delivery_count=meta.delivery_count,
+                )
+                if not meta.last_attempt:
+                    await settle(message.reject(requeue=True), "probe.settle_failed")
+                    return "requeued"
+                reply = error_reply(job.type, job.message_id, "GeneralError", GENERAL_ERROR_MESSAGE)
+                await self._reply_quietly(job, reply, "error")
+                await settle(message.reject(requeue=False), "probe.settle_failed")
+                return "dead-lettered"
+        if _returned(message):
+            # Its channel closed meanwhile: the job is back in the queue, and its next run
+            # answers (from the record, when the command has a message_id).
+            log.warning("probe.returned")
+            return "returned"
+        # A fresh duplicate's effects were published by the job that recorded them; a
+        # redelivered job may have recorded them itself and died before publishing.
+        effects = answer.effects if not answer.recorded or meta.redelivered else []
+        try:
+            await self._publish(job, answer, effects)
+        except BrokerUnavailable as exc:
+            log.warning("probe.publish_failed", cause=repr(exc.__cause__))
+            await settle(message.reject(requeue=True), "probe.settle_failed")
+            return "requeued"
+        await settle(message.ack(), "probe.settle_failed")
+        return "duplicate" if answer.recorded else "answered"
+
+    async def _park(self, message: AbstractIncomingMessage, job: ProbeJob, delay: float) -> str:
+        """Its owner has every turn taken and enough waiting: back in the queue, for later."""
+        try:
+            await self.broker.publish_probe(job.parked_again().dump(), delay=delay)
+        except BrokerUnavailable:
+            await settle(message.reject(requeue=True), "probe.settle_failed")
+            return "requeued"
+        await settle(message.ack(), "probe.settle_failed")
+        return "parked"
+
+    # --- the answer -----------------------------------------------------------------------------
+
+    async def _answer(self, job: ProbeJob, spec: Spec) -> _Answer:
+        assert spec.finish is not None
+        principal = Principal(job.owner_id, job.user)
+        now = datetime.now(UTC)
+        recorded = await self._with_store(self._recorded, job, now)
+        if recorded is not None:
+            return recorded
+        data = COMMANDS[job.type][1].model_validate(job.data)
+        try:
+            prepared = await self._with_store(self._prepare, spec, principal, data, now)
+        except CommandError as exc:
+            return await self._refused(job, exc, now)
+        result = await spec.finish(prepared)
+        reply = success_reply(job.type, job.message_id, result)
+        return await self._with_store(self._record, job, _Answer(reply, "success", []))
+
+    async def _prepare(self, spec: Spec, principal: Principal, data: Any, now: datetime) -> Any:
+        """The handler once more, as the command's sender: the settings as they are now."""
+        async with self.store.transaction() as conn:
+            return await spec.handler(
+                Context(conn, principal, now, self.keyring, self.settings), data
+            )
+
+    async def _refused(self, job: ProbeJob, exc: CommandError, now: datetime) -> _Answer:
+        reply = error_reply(job.type, job.message_id, exc.name, exc.message, exc.details)
+        failed = {
+            "type": job.type,
+            "command_id": job.message_id,
+            "error": {"name": exc.name, "message": exc.message, "details": exc.details},
+        }
+        event = event_body("command.failed", job.owner_id, now, failed)
+        answer = _Answer(reply, "error", [Effect("event", "command.failed", event)])
+        return await self._with_store(self._record, job, answer)
+
+    async def _recorded(self, job: ProbeJob, now: datetime) -> _Answer | None:
+        if job.message_id is None:
+            return None
+        async with self.store.transaction() as conn:
+            found = await idempotency.find(conn, job.owner_id, job.user or "", job.message_id, now)
+        if found is None:
+            return None
+        return _Answer(found.reply, found.status, found.effects, recorded=True)
+
+    async def _record(self, job: ProbeJob, answer: _Answer) -> _Answer:
+        """Records `answer` for the command's message_id; or, if another job of the same command
+        recorded first, returns that one: a command has one reply."""
+        if job.message_id is None:
+            return answer
+        now = datetime.now(UTC)
+        try:
+            async with self.store.transaction() as conn:
+                await idempotency.record(
+                    conn,
+                    owner_id=job.owner_id,
+                    principal=job.user or "",
+                    message_id=job.message_id,
+                    type_=job.type,
+                    status=answer.status,
+                    reply=answer.reply,
+                    secret=False,  # a probe's reply holds no secret
+                    effects=answer.effects,
+                    now=now,
+                    ttl=self.settings.idempotency_ttl,
+                )
+        except ConcurrentWrite:
+            first = await self._recorded(job, now)
+            if first is None:
+                raise
+            return first
+        return answer
+
+    async def _with_store(self, operation: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+        """Runs a store step, waiting out a short outage before giving the job back."""
+        for delay in (*STORE_BACKOFF, None):
+            try:
+                return await operation(*args)
+            except StoreUnavailable:
+                if delay is None:
+                    raise
+                log.warning("store.unavailable", retry_in=delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    # --- publishing -----------------------------------------------------------------------------
+
+    async def _publish(self, job: ProbeJob, answer: _Answer, effects: list[Effect]) -> None:
+        jobs = [self.broker.publish_event(e.routing_key, e.body) for e in effects]
+        if job.reply_to is not None:
+            jobs.append(
+                self.broker.publish_reply(
+                    job.reply_to,
+                    answer.reply,
+                    correlation_id=job.correlation_id,
+                    type_=job.type,
+                    status=answer.status,
+                )
+            )
+        outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def _reply_quietly(self, job: ProbeJob, body: bytes, status: str) -> None:
+        if job.reply_to is None:
+            return
+        try:
+            await self.broker.publish_reply(
+                job.reply_to, body, correlation_id=job.correlation_id, type_=job.type, status=status
+            )
+        except BrokerUnavailable:
+            log.warning("probe.reply_failed")
