@@ -9,7 +9,7 @@ SMTP_WORKER_TEST_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
 SMTP_WORKER_TEST_POSTGRES_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/postgres
 export SMTP_WORKER_TEST_AMQP_URL SMTP_WORKER_TEST_POSTGRES_URL
 
-.PHONY: install run test test-fast cov lint bench soak clean
+.PHONY: install run demo test test-fast cov lint contract bench soak clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ install: $(BIN)/.installed
 ## Start one worker on the embedded SQLite store (var/smtp-worker.db), consuming every queue.
 run: install
 	$(BIN)/smtp-worker run
+
+## A ticket and two threaded hits, end to end, through a worker started for the demo.
+demo: install
+	$(BIN)/smtp-worker demo --with-worker
 
 ## Lint, type-check, and run every test (faults included) against real services.
 test: install lint
@@ -39,6 +43,10 @@ lint: install
 	$(BIN)/ruff check worker schemas tests benchmarks
 	$(BIN)/ruff format --check worker schemas tests benchmarks
 	$(BIN)/mypy
+
+## Regenerate the machine-readable contract from the models: schemas/asyncapi.yaml, schemas/json/.
+contract: install
+	$(BIN)/smtp-worker asyncapi --write
 
 ## Throughput against a bare aio-pika RPC echo on the same broker (prints figures).
 bench: install

@@ -430,6 +430,8 @@ class Soak:
             "SMTP_WORKER_SECRET_KEY": secrets.token_urlsafe(32),
             "SMTP_WORKER_PREFIX": self.prefix,
             "SMTP_WORKER_LOG_LEVEL": "WARNING",
+            "SMTP_WORKER_RELAY_ALLOW": "127.0.0.0/8",
+            "SMTP_WORKER_HTTP": "",
         }
         self.procs = [
             start_worker(self.env, self.logs / f"worker-{n + 1}.log") for n in range(self.workers)
@@ -454,7 +456,10 @@ class Soak:
         await wait_ready(self.connection, self.names, self.procs)
         owner = await asyncio.to_thread(create_owner, self.env)
         channel = await self.connection.channel(publisher_confirms=True)
-        reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        # The worker replies to neither `amq.gen-…` nor `P.…` queues.
+        reply_queue = await channel.declare_queue(
+            f"{self.prefix}-replies", exclusive=True, auto_delete=True
+        )
         exchange = await channel.get_exchange(self.names.commands, ensure=False)
         driver = Driver(channel, exchange, reply_queue.name, self.in_flight)
         await reply_queue.consume(driver.on_reply, no_ack=True)

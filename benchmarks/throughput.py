@@ -157,6 +157,8 @@ async def scenario(
         prefix=prefix,
         secret_key="bench-" + uuid.uuid4().hex,
         log_level="WARNING",
+        relay_allow="127.0.0.0/8",
+        http="",
     )
     worker = Worker(settings, ("settings", "tickets", "hits"))
     await worker.start()
@@ -243,7 +245,10 @@ async def main(requests: int, in_flight: int, rounds: int, stores: list[str]) ->
         structlog.configure(logger_factory=structlog.ReturnLoggerFactory())
     connection = await aio_pika.connect_robust(AMQP_URL)
     channel = await connection.channel()
-    reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+    # The worker replies to neither `amq.gen-…` nor `P.…` queues.
+    reply_queue = await channel.declare_queue(
+        f"bench-replies-{uuid.uuid4().hex}", exclusive=True, auto_delete=True
+    )
     driver = Driver(channel, reply_queue.name)
     await reply_queue.consume(driver.on_reply, no_ack=True)
     figures: dict[str, list[float]] = {}

@@ -31,12 +31,13 @@ from sqlalchemy import insert, text
 from benchmarks.databases import create_database, drop_database
 from worker import logs
 from worker.app import Worker
-from worker.broker import Names
+from worker.broker import PARK_DELAYS, Names
 from worker.config import Settings
 from worker.security import Keyring, new_id, new_token
 from worker.store import Store
 from worker.store.tables import owners
 
+PARKED = ("deliveries", "probes")  # the queues whose jobs wait in delay queues when parked
 SECRET_KEY = "test-secret-key-" + secrets.token_hex(8)
 SECRETS: set[str] = {SECRET_KEY}
 LOG_LINES: list[str] = []
@@ -152,6 +153,9 @@ def make_settings(amqp_url: str, database_url: str, **overrides: Any) -> Setting
         "prefix": f"t{uuid.uuid4().hex[:10]}",
         "retry_delays": (0.2, 0.4),
         "shutdown_grace": 10,
+        # The tests' relays listen on this machine, which the relay address policy denies.
+        "relay_allow": "127.0.0.0/8",
+        "http": "",
     }
     values.update(overrides)
     return Settings(**values)
@@ -184,7 +188,10 @@ class Client:
         events_exchange = await channel.declare_exchange(
             names.events, aio_pika.ExchangeType.TOPIC, durable=True
         )
-        reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        # Not a server-named `amq.gen-…` queue, nor a `P.…` one: the worker refuses to reply there.
+        reply_queue = await channel.declare_queue(
+            f"{settings.prefix}-replies-{uuid.uuid4().hex}", exclusive=True, auto_delete=True
+        )
         events_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         await events_queue.bind(events_exchange, "#")
         client = cls(settings, connection, channel, reply_queue, events_queue)
@@ -211,6 +218,7 @@ class Client:
         message_id: str | None = None,
         correlation_id: str | None = None,
         reply: bool = True,
+        headers: dict[str, Any] | None = None,
     ) -> asyncio.Future[aio_pika.abc.AbstractIncomingMessage] | None:
         """Publishes raw bytes to P.commands; returns the future of the reply."""
         correlation_id = correlation_id or message_id or uuid.uuid4().hex
@@ -227,6 +235,7 @@ class Client:
                 correlation_id=correlation_id,
                 reply_to=self.reply_queue.name if reply else None,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                headers=headers,
             ),
             routing_key=routing_key,
         )
@@ -299,14 +308,15 @@ async def delete_topology(amqp_url: str, settings: Settings) -> None:
     names = Names(settings.prefix)
     connection = await aio_pika.connect(amqp_url)
     try:
-        queues = [names.queue(q) for q in ("tickets", "hits", "settings", "dead")]
+        queues = [names.queue(q) for q in ("tickets", "hits", "settings", "dead", "unrouted")]
         queues += [names.deliveries] + [names.delay(d) for d in settings.retry_delays]
+        queues += [names.probes] + [names.delay(d, q) for d in PARK_DELAYS for q in PARKED]
         # A failed delete closes its channel, so each gets a channel of its own.
         for name in queues:
             channel = await connection.channel()
             with contextlib.suppress(Exception):  # the queue never existed
                 await channel.queue_delete(name)
-        for name in (names.commands, names.events, names.dead):
+        for name in (names.commands, names.events, names.dead, names.unrouted):
             channel = await connection.channel()
             with contextlib.suppress(Exception):
                 await channel.exchange_delete(name)

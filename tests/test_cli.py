@@ -4,7 +4,9 @@ configured by `SMTP_WORKER_*` variables, in a working directory of its own.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import sqlite3
 import stat
 import uuid
@@ -12,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.commandline import smtp_worker
-from tests.conftest import SECRET_KEY, SECRETS, Env
+from tests.commandline import smtp_worker, spawn
+from tests.conftest import LOG_LINES, SECRET_KEY, SECRETS, Env
 
 ON_SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
@@ -130,6 +132,74 @@ async def test_call_exits_2_on_a_prefix_no_worker_ever_ran_with(
 
     assert ran.code == 2
     assert f"no exchange {prefix}.commands" in ran.stderr
+
+
+@ON_SQLITE
+async def test_call_exits_2_and_says_so_when_the_broker_does_not_answer(
+    env: Env, tmp_path: Path
+) -> None:
+    variables = connected(env) | {"amqp_url": "amqp://guest:guest@127.0.0.1:1/"}
+
+    ran = await smtp_worker(
+        "call", "settings.smtp_user.list", "--auth", "{}", "--data", "{}",
+        cwd=tmp_path, **variables,
+    )  # fmt: skip
+
+    assert (2, "") == (ran.code, ran.stdout)
+    assert "no broker node answered (127.0.0.1:1: " in ran.stderr
+
+
+# --- events -------------------------------------------------------------------------------------
+
+
+async def _line(stream: asyncio.StreamReader, timeout: float = 20) -> str:
+    line = await asyncio.wait_for(stream.readline(), timeout)
+    assert line, "the stream ended"
+    return line.decode()
+
+
+@ON_SQLITE
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_events_prints_each_event_as_a_json_line_until_stopped_then_exits_0(
+    env: Env, tmp_path: Path, stop: signal.Signals
+) -> None:
+    owner = await env.new_owner()
+    process = await spawn("events", "smtp_user.*", cwd=tmp_path, **connected(env))
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        while "events.listening" not in await _line(process.stderr):
+            pass
+        user = await env.client.ok(
+            "settings.smtp_user.add", owner, {"total_limit": 1, "hourly_limit": 1}
+        )
+        await env.client.call("settings.channel.get", owner, {"name": "nope"})  # command.failed
+        name = user["smtp_user_name"]
+        await env.client.ok("settings.smtp_user.delete", owner, {"smtp_user_name": name})
+        printed = [json.loads(await _line(process.stdout)) for _ in range(2)]
+        process.send_signal(stop)
+        code = await asyncio.wait_for(process.wait(), 20)
+        LOG_LINES.extend((await process.stderr.read()).decode().splitlines())
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    assert [("smtp_user.created", name), ("smtp_user.deleted", name)] == [
+        (event["type"], event["data"]["smtp_user_name"]) for event in printed
+    ]
+    assert {owner["owner_id"]} == {event["owner_id"] for event in printed}
+    assert 0 == code
+
+
+async def test_events_exits_2_on_a_prefix_no_worker_ever_ran_with(
+    amqp_url: str, tmp_path: Path
+) -> None:
+    prefix = f"nobody{uuid.uuid4().hex[:10]}"
+
+    ran = await smtp_worker("events", cwd=tmp_path, amqp_url=amqp_url, prefix=prefix)
+
+    assert (2, "") == (ran.code, ran.stdout)
+    assert f"no exchange {prefix}.events" in ran.stderr
 
 
 # --- migrate and run ----------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The worker's lifecycle: start in order, stop in reverse.
 
-start: store (migrate) -> broker (connect, declare) -> consumers -> sweeper
+start: HTTP -> store (migrate) -> broker (connect, declare) -> consumers (commands with
+       P.unrouted; probes with the settings; deliveries) -> sweeper
 stop:  cancel consumers -> let in-flight messages finish (grace period) -> sweeper -> broker
-       -> store
+       -> store -> HTTP
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from aio_pika.abc import AbstractIncomingMessage
 from worker.broker import COMMAND_QUEUES, Broker
 from worker.config import Settings
 from worker.consumer import CommandConsumer
+from worker.health import Readiness
+from worker.http import HttpServer, endpoints
+from worker.metrics import Metrics
+from worker.probes import PROBE_PREFETCH, ProbeConsumer
 from worker.security import Keyring, load_or_create_secret_key
 from worker.store import Store, idempotency, migrate
 
@@ -25,9 +30,10 @@ log = structlog.get_logger("worker.app")
 
 ALL_QUEUES = (*COMMAND_QUEUES, "deliveries")
 SWEEP_EVERY = 300.0
-# Emails in flight per worker. Each is leased while it waits for one of the pool's few
-# connections per relay; a small prefetch keeps that wait well inside the lease.
-DELIVERY_PREFETCH = 32
+# Emails in flight per worker: sending, or waiting a moment for a turn at their relay, unleased
+# (worker.gate). An email whose relay has no turn to give soon is parked, so one owner's dead
+# relay holds only the few slots of the sends it has in progress.
+DELIVERY_PREFETCH = 256
 
 
 def keyring_for(settings: Settings) -> Keyring:
@@ -46,12 +52,20 @@ class Worker:
         self.store = Store(settings.database_url)
         self.broker = Broker(settings)
         self.keyring = keyring_for(settings)
+        self.metrics = Metrics()
+        self.metrics.watch_dead_letters(self.broker.names.dead, lambda: self.broker.connection)
+        readiness = Readiness(self.broker, self.store, consumers=len(self.queues))
+        self.http = (
+            HttpServer(settings.http, endpoints(self.metrics, readiness)) if settings.http else None
+        )
         self._in_flight: set[asyncio.Future[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
 
     def _tracked(
-        self, handler: Callable[[AbstractIncomingMessage], Awaitable[None]]
+        self, queue: str, handler: Callable[[AbstractIncomingMessage], Awaitable[None]]
     ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+        self.metrics.in_flight_messages.labels(queue)  # the queue's series, at 0 until a message
+
         async def run(message: AbstractIncomingMessage) -> None:
             # When the broker connection drops, aiormq cancels every consumer callback: an email
             # cut short after the relay took it, but before it was recorded as sent, would be
@@ -60,6 +74,7 @@ class Worker:
             work = asyncio.ensure_future(handler(message))
             self._in_flight.add(work)
             work.add_done_callback(self._in_flight.discard)
+            self.metrics.track(queue, work)
             await asyncio.shield(work)
 
         return run
@@ -70,17 +85,38 @@ class Worker:
         except BaseException:
             await asyncio.shield(self.broker.close())
             await asyncio.shield(self.store.close())
+            if self.http is not None:
+                await asyncio.shield(self.http.close())
             raise
 
     async def _start(self) -> None:
+        if self.http is not None:
+            await self.http.start()  # first: a port already taken fails before anything else
         await migrate(self.store)
         await self.broker.connect()
-        commands = self._tracked(
-            CommandConsumer(self.settings, self.store, self.broker, self.keyring)
+        commands = CommandConsumer(
+            self.settings, self.store, self.broker, self.keyring, metrics=self.metrics
         )
         for queue in self.queues:
             if queue in COMMAND_QUEUES:
-                await self.broker.consume(queue, commands, self.settings.prefetch)
+                tracked = self._tracked(queue, commands)
+                await self.broker.consume(queue, tracked, self.settings.prefetch)
+        if any(queue in COMMAND_QUEUES for queue in self.queues):
+            unrouted = CommandConsumer(
+                self.settings,
+                self.store,
+                self.broker,
+                self.keyring,
+                metrics=self.metrics,
+                unrouted=True,
+            )
+            tracked = self._tracked("unrouted", unrouted)
+            await self.broker.consume("unrouted", tracked, self.settings.prefetch)
+        if "settings" in self.queues:
+            # Every worker that takes settings commands can run the probes they queue.
+            probes = ProbeConsumer(self.settings, self.store, self.broker, self.keyring)
+            tracked = self._tracked("probes", probes)
+            await self.broker.consume("probes", tracked, PROBE_PREFETCH)
         if "deliveries" in self.queues:
             await self._start_deliveries()
         self._tasks.append(asyncio.create_task(self._sweep(), name="idempotency-sweeper"))
@@ -89,8 +125,12 @@ class Worker:
     async def _start_deliveries(self) -> None:
         from worker.mail.delivery import DeliveryConsumer  # noqa: PLC0415
 
-        self.delivery = DeliveryConsumer(self.settings, self.store, self.broker, self.keyring)
-        await self.broker.consume("deliveries", self._tracked(self.delivery), DELIVERY_PREFETCH)
+        self.delivery = DeliveryConsumer(
+            self.settings, self.store, self.broker, self.keyring, metrics=self.metrics
+        )
+        self.metrics.relay_connections.set_function(lambda: self.delivery.pool.connections)
+        tracked = self._tracked("deliveries", self.delivery)
+        await self.broker.consume("deliveries", tracked, DELIVERY_PREFETCH)
 
     async def _sweep(self) -> None:
         while True:
@@ -119,4 +159,6 @@ class Worker:
             await delivery.close()
         await asyncio.shield(self.broker.close())
         await asyncio.shield(self.store.close())
+        if self.http is not None:
+            await asyncio.shield(self.http.close())
         log.info("worker.stopped")

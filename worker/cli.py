@@ -5,32 +5,45 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
-import uuid
-from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aio_pika
-from sqlalchemy import insert
+import structlog
 
-from worker import logs
+from worker import contract, demo, logs
 from worker.app import ALL_QUEUES, Worker, keyring_for
 from worker.broker import Names
+from worker.client import (
+    BrokerUnreachable,
+    Client,
+    ConnectionLost,
+    EventStream,
+    NoReply,
+    NoWorker,
+    Unroutable,
+)
 from worker.config import Settings
 from worker.dead import DeadLetterError, list_dead, replay_dead
-from worker.security import new_id, new_token
+from worker.http import HttpAddressError
+from worker.owners import create_owner
 from worker.store import Store, migrate
-from worker.store.tables import owners
 
 
 async def _run(settings: Settings, queues: list[str]) -> int:
-    worker = Worker(settings, queues)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await worker.start()
+    try:
+        worker = Worker(settings, queues)
+        await worker.start()
+    except HttpAddressError as exc:
+        print(f"smtp-worker: {exc}", file=sys.stderr)
+        return 1
     try:
         await stop.wait()
     finally:
@@ -48,20 +61,9 @@ async def _migrate(settings: Settings) -> int:
 
 
 async def _owner_create(settings: Settings, name: str) -> int:
-    keyring = keyring_for(settings)
     store = Store(settings.database_url)
-    owner_id, token = new_id(), new_token()
     try:
-        await migrate(store)
-        async with store.transaction() as conn:
-            await conn.execute(
-                insert(owners).values(
-                    id=owner_id,
-                    name=name,
-                    token_hash=keyring.hash(token),
-                    created_at=datetime.now(UTC),
-                )
-            )
+        owner_id, token = await create_owner(store, keyring_for(settings), name)
     finally:
         await store.close()
     print(json.dumps({"owner_id": owner_id, "token": token}))
@@ -69,45 +71,68 @@ async def _owner_create(settings: Settings, name: str) -> int:
 
 
 async def _call(settings: Settings, type_: str, auth: Any, data: Any, timeout: float) -> int:
-    body = json.dumps({"type": type_, "auth": auth, "data": data}).encode()
-    connection = await aio_pika.connect(settings.amqp_url)
     try:
-        channel = await connection.channel()
-        replies: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
-        reply_queue = await channel.get_queue("amq.rabbitmq.reply-to", ensure=False)
-        await reply_queue.consume(replies.put, no_ack=True)
-        message_id = uuid.uuid4().hex
-        commands = Names(settings.prefix).commands
-        exchange = await channel.get_exchange(commands, ensure=False)
-        try:
-            await exchange.publish(
-                aio_pika.Message(
-                    body,
-                    content_type="application/json",
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    message_id=message_id,
-                    reply_to="amq.rabbitmq.reply-to",
-                ),
-                routing_key=type_,
-            )
-        except aio_pika.exceptions.ChannelNotFoundEntity:
-            # No worker ever ran with this prefix: no reply can come, however long one waits.
-            error = f"no exchange {commands}: no worker has run with this prefix"
-            print(json.dumps({"error": error}), file=sys.stderr)
-            return 2
-        try:
-            while True:
-                reply = await asyncio.wait_for(replies.get(), timeout)
-                if reply.correlation_id == message_id:
-                    break
-        except TimeoutError:
-            print(json.dumps({"error": f"no reply within {timeout} s"}), file=sys.stderr)
-            return 2
-    finally:
-        await connection.close()
-    parsed = json.loads(reply.body)
-    print(json.dumps(parsed, indent=2))
-    return 0 if parsed.get("status") == "success" else 1
+        async with Client(settings.amqp_url, prefix=settings.prefix) as client:
+            reply = await client.call(type_, auth, data, timeout=timeout)
+    except (NoWorker, NoReply, Unroutable, BrokerUnreachable) as exc:
+        # No reply came, or none can: a script must not read this as the worker's refusal.
+        print(json.dumps({"error": str(exc)}), file=sys.stderr)
+        return 2
+    print(json.dumps(reply.model_dump(mode="json", by_alias=True), indent=2))
+    return 0 if reply.status == "success" else 1
+
+
+async def _events(settings: Settings, patterns: list[str]) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def tail(stream: EventStream) -> None:
+        async for event in stream:
+            try:
+                print(event.model_dump_json(by_alias=True), flush=True)
+            except BrokenPipeError:
+                # The reader left (`smtp-worker events | head`): stop as if interrupted, and
+                # let nothing flush to the closed pipe at exit.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return
+
+    try:
+        async with (
+            Client(settings.amqp_url, prefix=settings.prefix) as client,
+            client.events(*patterns) as stream,
+        ):
+            structlog.get_logger("worker.cli").info("events.listening", patterns=stream.patterns)
+            printing = asyncio.ensure_future(tail(stream))
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait((printing, stopping), return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if printing.done():
+                printing.result()  # the stream broke: say why below
+            else:
+                printing.cancel()
+    except (NoWorker, BrokerUnreachable) as exc:
+        print(json.dumps({"error": str(exc)}), file=sys.stderr)
+        return 2
+    except ConnectionLost as exc:
+        print(json.dumps({"error": str(exc)}), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _asyncapi(write: bool, check: bool, directory: Path) -> int:
+    if check:
+        stale = contract.differences(directory)
+        for path in stale:
+            print(f"outdated: {path}", file=sys.stderr)
+        return 1 if stale else 0
+    if write:
+        for path in contract.write(directory):
+            print(f"wrote {path}")
+        return 0
+    print(contract.render()[contract.ASYNCAPI], end="")
+    return 0
 
 
 async def _dead(settings: Settings, action: str, limit: int | None) -> int:
@@ -134,6 +159,13 @@ def _json_arg(text: str) -> Any:
         return json.loads(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+
+
+def _relay_arg(text: str) -> tuple[str, int]:
+    try:
+        return demo.parse_relay(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _positive_int(text: str) -> int:
@@ -165,7 +197,56 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--auth", type=_json_arg, required=True)
     call.add_argument("--data", type=_json_arg, required=True)
     call.add_argument("--timeout", type=float, default=30.0)
+    events = sub.add_parser(
+        "events", help="print events as they are published, one JSON line each, until stopped"
+    )
+    events.add_argument(
+        "patterns", nargs="*", default=["#"], metavar="PATTERN", help="topic pattern (default: #)"
+    )
+    asyncapi = sub.add_parser("asyncapi", help="print the AsyncAPI document of the contract")
+    what = asyncapi.add_mutually_exclusive_group()
+    what.add_argument(
+        "--write",
+        action="store_true",
+        help="write asyncapi.yaml and the JSON Schemas of json/ into the directory instead",
+    )
+    what.add_argument(
+        "--check", action="store_true", help="exit 1 when the files in the directory are outdated"
+    )
+    asyncapi.add_argument(
+        "--directory",
+        type=Path,
+        default=contract.DIRECTORY,
+        help=f"where the files are (default: {contract.DIRECTORY})",
+    )
     sub.add_parser("migrate", help="bring the store's schema up to date")
+    show = sub.add_parser(
+        "demo",
+        help="set up an owner, send a ticket and two hits, and show the threaded emails",
+        description=(
+            "Creates an owner, email settings for the relay, a channel, an SMTP user, a ticket "
+            "and two hits, then acks the ticket, printing each step and each email's outcome. "
+            "It needs a worker on the same broker, prefix and store: one already running, or "
+            "one it starts itself with --with-worker. Without --relay it serves SMTP itself "
+            "on 127.0.0.1 and prints the emails as they arrive."
+        ),
+    )
+    show.add_argument(
+        "--relay",
+        type=_relay_arg,
+        default=None,
+        metavar="HOST:PORT",
+        help="the SMTP server the emails go through (default: one of the demo's own)",
+    )
+    show.add_argument(
+        "--relay-ui", default=None, metavar="URL", help="where the relay shows its emails"
+    )
+    show.add_argument(
+        "--with-worker",
+        action="store_true",
+        help="run a worker in this process for the demo's length",
+    )
+    show.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each step")
     dead = sub.add_parser("dead", help="what sits in P.dead").add_subparsers(
         dest="action", required=True
     )
@@ -183,7 +264,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     settings = Settings()
-    logs.configure(settings.log_level, settings.log_format)
+    level = settings.log_level
+    if args.command == "demo" and "log_level" not in settings.model_fields_set:
+        level = "WARNING"  # the demo's own lines are the show; a worker it runs stays quiet
+    logs.configure(level, settings.log_format)
     if args.command == "run":
         queues = [q.strip() for q in args.queues.split(",") if q.strip()]
         unknown = sorted(set(queues) - set(ALL_QUEUES))
@@ -196,6 +280,13 @@ def main(argv: list[str] | None = None) -> None:
         code = asyncio.run(_owner_create(settings, args.name))
     elif args.command == "dead":
         code = asyncio.run(_dead(settings, args.action, args.limit))
+    elif args.command == "demo":
+        options = demo.Options(args.relay, args.relay_ui, args.with_worker, args.timeout)
+        code = demo.main(settings, options)
+    elif args.command == "events":
+        code = asyncio.run(_events(settings, args.patterns))
+    elif args.command == "asyncapi":
+        code = _asyncapi(args.write, args.check, args.directory)
     else:
         code = asyncio.run(_call(settings, args.type, args.auth, args.data, args.timeout))
     sys.exit(code)
