@@ -367,6 +367,21 @@ async def test_replay_sends_an_email_job_back_to_the_deliveries_queue(env):
     assert 0 == await depth(env, names.queue("tickets"))
 
 
+async def test_replay_sends_a_probe_job_back_to_the_probes_queue(env):
+    names = env.client.names
+    await env.client.channel.default_exchange.publish(
+        aio_pika.Message(b"no probe here", message_id="probe-1"), routing_key=names.probes
+    )
+    await wait_depth(env, names.dead, 1)
+    await stop_worker(env)
+
+    code, summary = await dead_replay(env)
+
+    assert (0, 1) == (code, summary["replayed"])
+    # A quorum queue with a single active consumer refuses basic.get: its depth says it is back.
+    assert (1, 0) == (await wait_depth(env, names.probes, 1), await depth(env, names.dead))
+
+
 async def test_replay_leaves_a_message_of_unknown_origin_in_dead(env):
     names = env.client.names
     dead = await env.client.channel.get_exchange(names.dead, ensure=False)

@@ -4,7 +4,7 @@
             the next one), print it, then nack them all with requeue: RabbitMQ puts a requeued
             message back at its original position, so the queue is left as it was, in order.
     replay: basic.get a message, republish it where its latest `x-death` entry says it died
-            (P.commands with its routing key for a command, P.deliveries for an email job),
+            (P.commands with its routing key for a command, P.deliveries or P.probes for a job),
             wait for the broker's confirm, and only then ack it in P.dead. A message of unknown
             origin, or one the broker cannot route, stays in P.dead.
 
@@ -101,8 +101,8 @@ def target_of(names: Names, message: AbstractIncomingMessage) -> Target | None:
     death = Death.of(message.headers)
     if death is None:
         return None
-    if death.queue == names.deliveries:
-        return Target("", names.deliveries)
+    if death.queue in (names.deliveries, names.probes):
+        return Target("", death.queue)
     if death.queue in {names.queue(short) for short in COMMAND_QUEUES}:
         routing_key = death.routing_keys[0] if death.routing_keys else message.routing_key
         return Target(names.commands, routing_key) if routing_key else None
