@@ -68,6 +68,7 @@ class ClusterConnection(RobustConnection):
         self._node = first % len(self.nodes)
         self._attempts = 0  # since the last successful connection
         self._connected_once = False
+        self._up = False  # connected now, as far as this connection knows
         self._transport: UnderlayConnection | None = None
         super().__init__(self.nodes[self._node], **kwargs)
         self.reconnect_interval = FIRST_PAUSE
@@ -105,13 +106,14 @@ class ClusterConnection(RobustConnection):
     async def _on_connected(self) -> None:
         await super()._on_connected()
         again = self._connected_once
-        self._connected_once, self._attempts = True, 0
+        self._connected_once, self._up, self._attempts = True, True, 0
         self.reconnect_interval = FIRST_PAUSE
         log.info("broker.connected", node=self.node, reconnected=again)
 
     async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
-        if not self._close_called and not self.is_closed:
+        if self._up and not self._close_called and not self.is_closed:
             log.warning("broker.connection_lost", node=self.node)
+        self._up = False
         await super()._on_connection_close(closing)
 
 
@@ -126,8 +128,8 @@ async def connect_first(
     nodes = split_urls(urls)
     failures: dict[str, str] = {}
     pause = FIRST_PAUSE
-    async with asyncio.timeout(timeout) as deadline:
-        try:
+    try:
+        async with asyncio.timeout(timeout):
             while True:
                 for index, url in enumerate(nodes):
                     connection = ClusterConnection(
@@ -142,14 +144,14 @@ async def connect_first(
                         )
                         await connection.close()
                         continue
+                    except BaseException:  # out of time: no attempt may go on behind our back
+                        await connection.close()
+                        raise
                     return connection
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, MAX_PAUSE)
-        except TimeoutError:
-            if deadline.expired():
-                raise _no_node(failures) from None
-            raise
-    raise AssertionError("unreachable")  # pragma: no cover
+    except TimeoutError:
+        raise _no_node(failures) from None
 
 
 async def open_first(
