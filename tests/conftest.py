@@ -33,6 +33,7 @@ from worker import logs
 from worker.app import Worker
 from worker.broker import PARK_DELAYS, Names
 from worker.config import Settings
+from worker.connection import open_first
 from worker.security import Keyring, new_id, new_token
 from worker.store import Store
 from worker.store.tables import owners
@@ -306,7 +307,7 @@ class Client:
 async def delete_topology(amqp_url: str, settings: Settings) -> None:
     """Removes every queue and exchange of a test's prefix."""
     names = Names(settings.prefix)
-    connection = await aio_pika.connect(amqp_url)
+    connection = await open_first(amqp_url)
     try:
         queues = [names.queue(q) for q in ("tickets", "hits", "settings", "dead", "unrouted")]
         queues += [names.deliveries] + [names.delay(d) for d in settings.retry_delays]

@@ -141,6 +141,15 @@ async def test_list_leaves_the_queue_as_it_was_in_order(env):
     assert [m.message_id for m in taken] == [line["message_id"] for line in first]
 
 
+async def test_list_reads_p_dead_on_the_first_node_of_a_list_that_answers(env):
+    await dead_letter_unreadable(env, 1)
+    cluster = dataclasses.replace(env, amqp_url=f"amqp://guest:guest@127.0.0.1:1/,{env.amqp_url}")
+
+    listed = await dead_list(cluster)
+
+    assert ["bad-0"] == [line["message_id"] for line in listed]
+
+
 async def test_list_honours_limit_from_the_head(env):
     await dead_letter_unreadable(env, 3)
     everything = await dead_list(env)

@@ -1,10 +1,12 @@
 """Reply queues (contract section 3): which `reply_to` a command may name, and replies that fail.
 
 A command naming a `reply_to` it may not (the worker's own queues, `amq.…`, a direct reply-to
-token the broker did not form) is not executed, gets no reply and lands in `P.dead`: RabbitMQ
-3.10 closes the publisher's whole connection over a reply to a token it cannot decode, and with
-it every other tenant's commands in flight. A reply the broker refuses or drops costs the command
-nothing: it is acked, and the other commands' replies and events go on.
+token not formed as the broker forms it) is not executed, gets no reply and lands in `P.dead`:
+RabbitMQ 3.10 closes the publisher's whole connection over a reply to a token it cannot decode,
+and with it every other tenant's commands in flight. A token of another node (on a cluster, a
+client on another node) is accepted, and its reply goes out on a connection of its own. A reply
+the broker refuses or drops costs the command nothing: it is acked, and the other commands'
+replies and events go on.
 """
 
 from __future__ import annotations
@@ -54,7 +56,6 @@ REFUSED_NAMES = [
     ("node-without-digits", token(b"reply@")),
     ("node-with-letters", token(b"reply@92488x4")),
     ("node-of-another-name", token(b"rabbit@9248884")),
-    ("another-node", token(b"reply@1234567")),
     ("atom-ext", token(b"reply@9248884", tag=0x64)),
     ("small-atom-ext", token(b"reply@9248884", tag=0x73)),
     ("pid-tail-short", token(b"reply@9248884", tail=bytes(11))),
@@ -74,13 +75,15 @@ REFUSED_NAMES = [
     "name", [case[1] for case in REFUSED_NAMES], ids=[c[0] for c in REFUSED_NAMES]
 )
 def test_a_reply_to_the_broker_did_not_hand_out_is_refused(name: str) -> None:
-    assert refusal(name, "smtp", OWN_NODE) is not None
+    assert refusal(name, "smtp") is not None
 
 
 ACCEPTED_NAMES = [
     ("direct", DIRECT_REPLY_TO),
     ("real-token", REAL_TOKEN),
     ("small-atom-utf8", token(b"reply@9248884", tag=0x77)),
+    # A node of the cluster other than the worker's, as far as the worker can tell.
+    ("another-node", token(b"reply@1234567")),
     ("queue", "billing.replies"),
     ("prefix-lookalike", "smtp-replies"),
     ("255-bytes", "é" * 127 + "q"),
@@ -90,8 +93,8 @@ ACCEPTED_NAMES = [
 @pytest.mark.parametrize(
     "name", [case[1] for case in ACCEPTED_NAMES], ids=[c[0] for c in ACCEPTED_NAMES]
 )
-def test_a_queue_name_or_a_token_of_this_node_is_accepted(name: str) -> None:
-    assert refusal(name, "smtp", OWN_NODE) is None
+def test_a_queue_name_or_a_token_as_the_broker_forms_it_is_accepted(name: str) -> None:
+    assert refusal(name, "smtp") is None
 
 
 def test_a_real_token_names_its_node() -> None:
@@ -265,6 +268,27 @@ async def test_a_command_naming_a_stale_token_runs_and_is_acked(env: Env) -> Non
 
     assert [line["outcome"] for line in await processed(message_id)] == ["success"]
     assert len(await users(env.client, owner)) == 1
+    assert await dead_correlation_ids(env.client, 1, timeout=0.5) == []
+    assert transport_of(env.workers[0]) is transport
+
+
+async def test_a_token_of_a_node_that_is_not_running_costs_its_reply_only(env: Env) -> None:
+    """On a cluster, a token of another node is accepted; RabbitMQ closes the connection that
+    publishes to one naming no running node: the worker's own connection is not that one."""
+    owner, other = await env.new_owner(), await env.new_owner()
+    transport = transport_of(env.workers[0])
+
+    message_ids = [
+        await publish_add(env.client, owner, token(b"reply@1234567", tail=bytes([i]) * 12))
+        for i in range(3)
+    ]
+    durations = await timed_calls(env.client, other, 10)
+
+    for message_id in message_ids:
+        assert [line["outcome"] for line in await processed(message_id)] == ["success"]
+    assert len(await users(env.client, owner)) == 3
+    assert any('"reply.dropped"' in line and "token of another node" in line for line in LOG_LINES)
+    assert max(durations) < 5
     assert await dead_correlation_ids(env.client, 1, timeout=0.5) == []
     assert transport_of(env.workers[0]) is transport
 

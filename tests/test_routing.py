@@ -9,9 +9,10 @@ dead-letters it, instead of the broker dropping it unanswered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aio_pika
@@ -141,6 +142,30 @@ async def test_a_client_may_declare_the_topology_as_the_contract_gives_it(env: E
 # --- upgrading a deployment whose P.commands has no alternate exchange ----------------------------
 
 
+@contextlib.asynccontextmanager
+async def env_of(
+    amqp_url: str,
+    database_url: str,
+    prepare: Callable[[aio_pika.abc.AbstractChannel, Names], Awaitable[object]],
+) -> AsyncIterator[Env]:
+    """A world whose workers and client the test starts itself, once `prepare` has declared
+    on the broker what an earlier release or an operator left there."""
+    settings = make_settings(amqp_url, database_url)
+    connection = await aio_pika.connect(amqp_url)
+    await prepare(await connection.channel(), Names(settings.prefix))
+    await connection.close()
+    env = Env(amqp_url, database_url, settings, client=None)  # type: ignore[arg-type]
+    try:
+        yield env
+    finally:
+        if env.client is not None:
+            await env.client.close()
+        for worker in env.workers:
+            await worker.stop()
+        await env.store.close()
+        await delete_topology(amqp_url, settings)
+
+
 def upgrades(prefix: str) -> int:
     return sum(
         1 for line in LOG_LINES if "topology.commands_exchange_upgraded" in line and prefix in line
@@ -150,14 +175,12 @@ def upgrades(prefix: str) -> int:
 async def test_a_commands_exchange_of_an_earlier_release_is_upgraded(
     amqp_url: str, database_url: str
 ) -> None:
-    settings = make_settings(amqp_url, database_url)
-    names = Names(settings.prefix)
-    connection = await aio_pika.connect(amqp_url)
-    channel = await connection.channel()
-    await channel.declare_exchange(names.commands, aio_pika.ExchangeType.TOPIC, durable=True)
-    await connection.close()
-    env = Env(amqp_url, database_url, settings, client=None)  # type: ignore[arg-type]
-    try:
+
+    async def old_exchange(channel: aio_pika.abc.AbstractChannel, names: Names) -> None:
+        await channel.declare_exchange(names.commands, aio_pika.ExchangeType.TOPIC, durable=True)
+
+    async with env_of(amqp_url, database_url, old_exchange) as env:
+        settings = env.settings
         await env.start_worker()
         await env.start_worker()  # finds it upgraded already
         env.client = await Client.connect(settings)
@@ -169,10 +192,28 @@ async def test_a_commands_exchange_of_an_earlier_release_is_upgraded(
         assert error_of(unrouted) == ("ValidationError", [["type"]])
         assert listed["status"] == "success"
         assert upgrades(settings.prefix) == 1
-    finally:
-        if env.client is not None:
-            await env.client.close()
-        for worker in env.workers:
-            await worker.stop()
-        await env.store.close()
-        await delete_topology(amqp_url, settings)
+
+
+async def test_a_p_dead_declared_as_a_quorum_queue_is_taken_as_found(
+    amqp_url: str, database_url: str
+) -> None:
+    """What an operator does on a cluster so that P.dead survives a node's loss (README)."""
+
+    async def quorum_dead(channel: aio_pika.abc.AbstractChannel, names: Names) -> None:
+        await channel.declare_queue(names.dead, durable=True, arguments={"x-queue-type": "quorum"})
+
+    async with env_of(amqp_url, database_url, quorum_dead) as env:
+        settings, names = env.settings, Names(env.settings.prefix)
+        await env.start_worker()
+        env.client = await Client.connect(settings)
+        owner = await env.new_owner()
+        body = command("nothing.here", owner, {})
+
+        reply = await env.client.call_raw(body, "nothing.here")
+
+        assert error_of(reply) == ("ValidationError", [["type"]])
+        assert await dead_body(env.client, reply.correlation_id or "") == body
+        # Refused (PRECONDITION_FAILED) unless it is still the quorum queue it was.
+        await env.client.channel.declare_queue(
+            names.dead, durable=True, arguments={"x-queue-type": "quorum"}
+        )

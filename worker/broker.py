@@ -9,12 +9,21 @@ Every name below carries the deployment's prefix `P`:
                                      `--> P.unrouted (quorum) +                  P.dead (queue)
                                      P.deliveries  (quorum) --+
                                      P.probes      (quorum, one active consumer) --+
-    P.deliveries.delay.<ms> (classic, TTL) -- dead-letter back to --> P.deliveries
-    P.probes.delay.<ms>     (classic, TTL) -- dead-letter back to --> P.probes
+    P.deliveries.wait.<ms> (quorum, TTL) -- dead-letter back to --> P.deliveries
+    P.probes.wait.<ms>     (quorum, TTL) -- dead-letter back to --> P.probes
     P.events (topic): domain events, routing key = event type
 
 P.unrouted is the alternate exchange of P.commands: a command whose routing key no queue is bound
 to lands there, to be answered, instead of being dropped by the broker.
+
+On a cluster (several node URLs) every queue but P.dead is a quorum queue, replicated across the
+nodes: losing a node loses none of their messages. The delay queues dead-letter at least once
+(their messages stay until P.deliveries or P.probes has them). P.dead is a classic queue unless
+an operator declared it as a quorum queue before the first worker started: the worker takes it as
+it finds it. A classic queue lives on one node; while that node is down it cannot be declared
+(the worker logs `topology.queue_unavailable` and goes on) and what is dead-lettered to it is
+lost. The connection moves to another node when its node is lost (worker.connection); the
+queues are declared again there, and aio-pika restores the channels and their consumers.
 
 Replies have a confirming channel of their own, so that a reply the broker refuses (a nack, or a
 channel it closes over one reply) costs no event or email job its publishing.
@@ -35,6 +44,7 @@ import aiormq
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
@@ -44,12 +54,18 @@ from aio_pika.abc import (
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from aiormq import spec
 from aiormq.abc import AbstractChannel as RawChannel
-from aiormq.exceptions import AMQPChannelError, ChannelPreconditionFailed, DeliveryError
+from aiormq.exceptions import (
+    AMQPChannelError,
+    ChannelNotFoundEntity,
+    ChannelPreconditionFailed,
+    DeliveryError,
+)
 from aiormq.exceptions import AMQPError as AiormqError
 from pamqp.common import FieldValue
 
 from worker import reply_to as reply_names
 from worker.config import Settings
+from worker.connection import ClusterConnection, NoNodeAnswered, connect_first, open_first
 from worker.errors import BrokerUnavailable
 
 log = structlog.get_logger("worker.broker")
@@ -64,6 +80,8 @@ COMMAND_QUEUES: Mapping[str, str] = {
     "settings": "settings.#",
 }
 PUBLISH_TIMEOUT = 15.0
+# How long a starting worker tries the broker's nodes before it gives up.
+STARTUP_CONNECT_TIMEOUT = 30.0
 # The delay queues a parked job waits in (its owner or relay had no turn for it soon:
 # worker.gate), each job in the one that matches its place in its relay's line.
 PARK_DELAYS = (1.0, 2.0, 5.0, 10.0)
@@ -101,7 +119,9 @@ class Names:
         return f"{self.prefix}.{short}"
 
     def delay(self, seconds: float, short: str = "deliveries") -> str:
-        return f"{self.prefix}.{short}.delay.{round(seconds * 1000)}ms"
+        # `wait`, not `delay`: the classic delay queues of earlier releases were named
+        # P.<short>.delay.<ms>; they go on dead-lettering what they hold to the same queues.
+        return f"{self.prefix}.{short}.wait.{round(seconds * 1000)}ms"
 
 
 def _publish_errors() -> tuple[type[BaseException], ...]:
@@ -142,15 +162,35 @@ class Broker:
         # again after every reconnect, since the connection may then be on another node.
         self._reply_node: tuple[object, str | None] | None = None
         self._reply_node_lock = asyncio.Lock()
+        # Replies to direct reply-to tokens of other nodes go out on a connection of their own
+        # (see publish_reply), opened when first needed.
+        self._elsewhere: tuple[AbstractConnection | None, AbstractChannel | None] = (None, None)
+        self._elsewhere_lock = asyncio.Lock()
+        self._name = f"smtp-worker {socket.gethostname()}:{os.getpid()}"
 
     async def connect(self) -> None:
-        name = f"smtp-worker {socket.gethostname()}:{os.getpid()}"
-        self.connection = await aio_pika.connect_robust(
-            self.settings.amqp_url, client_properties={"connection_name": name}
-        )
-        self._publisher = await self.connection.channel(publisher_confirms=True)
-        self._replies = await self.connection.channel(publisher_confirms=True)
+        try:
+            connection = await connect_first(
+                self.settings.node_urls(),
+                timeout=STARTUP_CONNECT_TIMEOUT,
+                client_properties={"connection_name": self._name},
+            )
+        except NoNodeAnswered as exc:
+            raise BrokerUnavailable(str(exc)) from None
+        self.connection = connection
+        self._publisher = await connection.channel(publisher_confirms=True)
+        self._replies = await connection.channel(publisher_confirms=True)
         await self._declare(self._publisher)
+        connection.reconnect_callbacks.add(self._on_reconnected)
+
+    async def _on_reconnected(self, connection: Any) -> None:
+        """Back on a node (maybe another one): aio-pika has restored the channels, the
+        exchanges and the consumers; the queues are declared again (none of them is restored by
+        aio-pika, so that a classic queue whose node is down cannot hold the others back)."""
+        try:
+            await self._declare_queues()
+        except Exception:
+            log.warning("topology.redeclare_failed", exc_info=True)
 
     @property
     def _quorum(self) -> dict[str, Any]:
@@ -172,42 +212,73 @@ class Broker:
         return self._quorum
 
     async def _declare(self, channel: AbstractChannel) -> None:
+        """The exchanges (on the publishing channel: restored with it after a reconnect), then
+        the queues and their bindings."""
         names = self.names
         topic, fanout = aio_pika.ExchangeType.TOPIC, aio_pika.ExchangeType.FANOUT
         self._exchanges["events"] = await channel.declare_exchange(
             names.events, topic, durable=True
         )
-        dead = await channel.declare_exchange(names.dead, fanout, durable=True)
-        dead_queue = await channel.declare_queue(names.dead, durable=True)
-        await dead_queue.bind(dead)
-        unrouted = await channel.declare_exchange(names.unrouted, fanout, durable=True)
-        unrouted_queue = await channel.declare_queue(
-            names.unrouted, durable=True, arguments=self._quorum
-        )
-        await unrouted_queue.bind(unrouted)
+        await channel.declare_exchange(names.dead, fanout, durable=True)
+        await channel.declare_exchange(names.unrouted, fanout, durable=True)
         await self._upgrade_commands_exchange()
-        commands = await channel.declare_exchange(
+        self._exchanges["commands"] = await channel.declare_exchange(
             names.commands, topic, durable=True, arguments=self._commands_arguments
         )
+        await self._declare_queues()
+
+    def _queues(self) -> list[tuple[str, dict[str, Any] | None, str | None, str]]:
+        """(queue, arguments, exchange to bind it to, binding key) of every queue; arguments
+        None for P.dead: taken as it is found (see the module docstring)."""
+        names = self.names
+        queues: list[tuple[str, dict[str, Any] | None, str | None, str]] = [
+            (names.dead, None, names.dead, ""),
+            (names.unrouted, self._quorum, names.unrouted, ""),
+        ]
         for short, pattern in COMMAND_QUEUES.items():
-            queue = await channel.declare_queue(
-                names.queue(short), durable=True, arguments=self._quorum
-            )
-            await queue.bind(commands, pattern)
-        await channel.declare_queue(names.deliveries, durable=True, arguments=self._quorum)
-        await channel.declare_queue(names.probes, durable=True, arguments=self._arguments("probes"))
+            queues.append((names.queue(short), self._quorum, names.commands, pattern))
+        queues.append((names.deliveries, self._quorum, None, ""))
+        queues.append((names.probes, self._arguments("probes"), None, ""))
         delays = [(d, "deliveries") for d in sorted({*self.settings.retry_delays, *PARK_DELAYS})]
         for delay, short in [*delays, *((d, "probes") for d in PARK_DELAYS)]:
-            await channel.declare_queue(
-                names.delay(delay, short),
-                durable=True,
-                arguments={
-                    "x-message-ttl": round(delay * 1000),
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": names.queue(short),
-                },
-            )
-        self._exchanges["commands"] = commands
+            arguments = {
+                "x-queue-type": "quorum",
+                "x-message-ttl": round(delay * 1000),
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": names.queue(short),
+                # Expired messages leave only once the queue they go back to has them.
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            }
+            queues.append((names.delay(delay, short), arguments, None, ""))
+        return queues
+
+    async def _declare_queues(self) -> None:
+        """Every queue and its binding, each on a plain channel of its own: a queue the broker
+        refuses closes only that channel. A classic queue whose node is down is refused with
+        NOT_FOUND: logged as `topology.queue_unavailable`, and the others are declared."""
+        for name, arguments, exchange, key in self._queues():
+            try:
+                async with self._raw_channel() as channel:
+                    if arguments is None:
+                        await self._declare_as_found(name)
+                    else:
+                        await channel.queue_declare(name, durable=True, arguments=arguments)
+                    if exchange is not None:
+                        await channel.queue_bind(name, exchange, routing_key=key)
+            except ChannelNotFoundEntity as exc:
+                log.warning("topology.queue_unavailable", queue=name, reason=str(exc)[:200])
+
+    async def _declare_as_found(self, name: str) -> None:
+        """`name` as it exists (whatever its type), else a classic durable queue."""
+        try:
+            async with self._raw_channel() as channel:
+                await channel.queue_declare(name, passive=True)
+            return
+        except ChannelNotFoundEntity:
+            pass
+        async with self._raw_channel() as channel:
+            await channel.queue_declare(name, durable=True)
 
     async def _upgrade_commands_exchange(self) -> None:
         """Gives a P.commands declared by an earlier release its alternate exchange.
@@ -292,6 +363,7 @@ class Broker:
     ) -> None:
         """Publishes a persistent message and waits for the broker's confirm."""
         assert self._publisher is not None
+        self._require_connection()
         message = _message(body, message_id, correlation_id, type_, headers)
         target = self._publisher.default_exchange if exchange == "" else self._exchanges[exchange]
         try:
@@ -323,12 +395,14 @@ class Broker:
         when the connection is down.
         """
         assert self._replies is not None
-        # The connection may have moved to another node since the command was accepted.
+        message = self.reply_message(body, correlation_id, type_, {"status": status})
+        # A token of another node than the one of the current connection (which may have moved
+        # since the command was accepted) goes out apart: see worker.reply_to.
         node = reply_names.token_node(reply_to)
         if node is not None and node != await self.reply_node():
-            log.warning("reply.dropped", reason="direct reply-to token of another node")
+            await self._reply_elsewhere(reply_to, message)
             return
-        message = self.reply_message(body, correlation_id, type_, {"status": status})
+        self._require_connection()
         try:
             try:
                 await _confirmed(self._replies, self._replies.default_exchange, message, reply_to)
@@ -357,6 +431,42 @@ class Broker:
         except _publish_errors() as exc:
             raise BrokerUnavailable("publish of a reply failed") from exc
 
+    async def _reply_elsewhere(self, reply_to: str, message: aio_pika.Message) -> None:
+        """Publishes a reply to a direct reply-to token of another node on a connection kept for
+        such replies. The broker routes it while that node runs; otherwise it closes the whole
+        connection (worker.reply_to): then this reply, and any other such reply in flight with
+        it, is dropped with a `reply.dropped` line, and the next one opens a new connection."""
+        try:
+            async with asyncio.timeout(PUBLISH_TIMEOUT):
+                channel = await self._elsewhere_channel()
+                await channel.default_exchange.publish(message, reply_to, mandatory=False)
+        except _publish_errors() as exc:
+            log.warning("reply.dropped", reason="token of another node", error=type(exc).__name__)
+
+    async def _elsewhere_channel(self) -> AbstractChannel:
+        async with self._elsewhere_lock:
+            connection, channel = self._elsewhere
+            if channel is None or channel.is_closed or connection is None or connection.is_closed:
+                if connection is not None and not connection.is_closed:
+                    await connection.close()
+                assert isinstance(self.connection, ClusterConnection)
+                # The node the worker is on: it answers, or the worker is reconnecting anyway.
+                connection = await open_first(
+                    [str(self.connection.url)],
+                    client_properties={"connection_name": f"{self._name} replies"},
+                )
+                channel = await connection.channel(publisher_confirms=True)
+                self._elsewhere = (connection, channel)
+            return channel
+
+    def _require_connection(self) -> None:
+        """Fails fast while the connection is down: the consumer requeues the message (or its
+        ack is lost with the connection, and the broker gives it back), rather than holding it
+        until a reconnect that may come on another node."""
+        connection = self.connection
+        if connection is None or not connection.connected.is_set():
+            raise BrokerUnavailable("the broker connection is down")
+
     @staticmethod
     def reply_message(
         body: bytes, correlation_id: str | None, type_: str | None, headers: dict[str, Any]
@@ -367,10 +477,7 @@ class Broker:
 
     async def reply_to_refusal(self, reply_to: str) -> str | None:
         """Why a command may not name `reply_to` (see worker.reply_to); None when it may."""
-        own = None
-        if reply_names.token_node(reply_to) is not None:
-            own = await self.reply_node()
-        return reply_names.refusal(reply_to, self.names.prefix, own)
+        return reply_names.refusal(reply_to, self.names.prefix)
 
     async def reply_node(self) -> str | None:
         """The broker node of the current connection as direct reply-to tokens name it.
@@ -438,6 +545,9 @@ class Broker:
         await self.publish("", queue, body)
 
     async def close(self) -> None:
+        elsewhere, _ = self._elsewhere
+        if elsewhere is not None and not elsewhere.is_closed:
+            await elsewhere.close()
         if self.connection is not None:
             await self.connection.close()
         self._consumers.clear()

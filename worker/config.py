@@ -7,12 +7,19 @@ from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from yarl import URL
+
+from worker.connection import split_urls
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SMTP_WORKER_", extra="ignore", frozen=True)
+    # A value is never repeated in a validation error: AMQP and database URLs hold passwords.
+    model_config = SettingsConfigDict(
+        env_prefix="SMTP_WORKER_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
-    amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    # One node's URL, or the nodes of one cluster separated by commas (see node_urls()).
+    amqp_url: str = Field(default="amqp://guest:guest@localhost:5672/", repr=False)
     database_url: str = "sqlite+aiosqlite:///var/smtp-worker.db"
     secret_key: SecretStr | None = None
     prefix: str = Field(default="smtp", pattern=r"^[A-Za-z0-9_.-]{1,100}$")
@@ -30,6 +37,24 @@ class Settings(BaseSettings):
     prefetch: int = Field(default=256, ge=1, le=65535)
     shutdown_grace: float = Field(default=30, gt=0)
     secret_key_file: str = "var/secret.key"
+
+    def node_urls(self) -> list[str]:
+        """The broker nodes of `amqp_url`, in the order the worker tries them."""
+        return split_urls(self.amqp_url)
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _node_urls(cls, value: str) -> str:
+        # Says which, never what: a URL may hold a password.
+        for number, url in enumerate(split_urls(value), 1):
+            try:
+                parsed = URL(url)
+                valid = parsed.scheme in {"amqp", "amqps"} and bool(parsed.host)
+            except ValueError:
+                valid = False
+            if not valid:
+                raise ValueError(f"URL {number} is not an amqp:// or amqps:// URL with a host")
+        return value
 
     @field_validator("retry_delays", mode="before")
     @classmethod

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -27,6 +27,7 @@ from aio_pika.exceptions import ChannelClosed
 from pamqp.commands import Basic
 
 from worker.broker import COMMAND_QUEUES, PUBLISH_TIMEOUT, Names
+from worker.connection import open_first
 
 PREVIEW_CHARACTERS = 200
 # Headers RabbitMQ adds when it dead-letters or redelivers a message. A replay is a new
@@ -249,10 +250,13 @@ def _depth(queue: AbstractQueue) -> int:
 
 
 async def list_dead(
-    amqp_url: str, names: Names, write: Callable[[dict[str, Any]], None], limit: int | None = None
+    amqp_url: str | Sequence[str],
+    names: Names,
+    write: Callable[[dict[str, Any]], None],
+    limit: int | None = None,
 ) -> int:
     """Writes up to `limit` messages of P.dead, head first, and leaves them all there."""
-    connection = await aio_pika.connect(amqp_url)
+    connection = await open_first(amqp_url)
     try:
         channel = await connection.channel()
         queue = await _dead_queue(channel, names)
@@ -273,10 +277,12 @@ async def list_dead(
         await connection.close()
 
 
-async def replay_dead(amqp_url: str, names: Names, limit: int | None = None) -> ReplaySummary:
+async def replay_dead(
+    amqp_url: str | Sequence[str], names: Names, limit: int | None = None
+) -> ReplaySummary:
     """Republishes up to `limit` messages of P.dead where they came from; see the module doc."""
     summary = ReplaySummary()
-    connection = await aio_pika.connect(amqp_url)
+    connection = await open_first(amqp_url)
     try:
         channel = await connection.channel(publisher_confirms=True)
         queue = await _dead_queue(channel, names)

@@ -37,6 +37,7 @@ from sqlalchemy.engine import make_url
 from worker.app import Worker, keyring_for
 from worker.broker import Names
 from worker.config import Settings
+from worker.connection import NoNodeAnswered, open_first
 from worker.http import HttpAddressError
 from worker.owners import create_owner
 from worker.store import Store
@@ -211,8 +212,8 @@ class _Client:
     async def connect(cls, settings: Settings, timeout: float) -> AsyncIterator[_Client]:
         client = cls(settings, timeout)
         try:
-            connection = await aio_pika.connect(settings.amqp_url)
-        except (OSError, aio_pika.exceptions.AMQPError) as exc:
+            connection = await open_first(settings.amqp_url)
+        except NoNodeAnswered as exc:
             raise DemoFailed(f"cannot reach the broker: {exc}") from exc
         try:
             channel = await connection.channel()

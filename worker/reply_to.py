@@ -13,8 +13,7 @@ queue that does not exist simply drops the reply. These are not:
   process, and the broker closes the worker's whole connection (541 INTERNAL_ERROR) with every
   command in flight on it.
 
-So a token is accepted only exactly as the broker forms it (`compute_key_and_suffix_v2`), and only
-for the broker node the worker's connection is on, the one node it knows to be running:
+So a token is accepted only exactly as the broker forms it (`compute_key_and_suffix_v2`):
 
     PidEnc  standard base64 of 0x83 0x58 (NEW_PID_EXT), the node atom `reply@<phash2 of the node>`
             as 0x76 (ATOM_UTF8_EXT, 2-byte length) or 0x77 (SMALL_ATOM_UTF8_EXT, 1-byte length),
@@ -23,6 +22,15 @@ for the broker node the worker's connection is on, the one node it knows to be r
 
 `from_binary` knows no other atom tags: 0x64 (ATOM_EXT) and 0x73 (SMALL_ATOM_EXT) crash it too.
 A token of a channel that has since closed is harmless: the broker drops the reply.
+
+On a cluster, a client connected to another node than the worker's holds a token naming its own
+node, and the broker routes a reply to it across the cluster while that node runs. The worker
+cannot tell a running node of its cluster from a node that is down or never existed, so a token
+of any node is accepted (contract section 3: a token as the broker forms it), and only the
+reply's publishing differs (worker.broker.Broker.publish_reply): to a token of the node the
+worker is connected to (the one node it knows to be running), on its reply channel; to any other
+node's, on a connection of its own, so that a token the broker cannot route costs that reply
+(dropped), never the worker's connection.
 """
 
 from __future__ import annotations
@@ -75,11 +83,8 @@ def token_node(reply_to: str) -> str | None:
     return node if _NODE.fullmatch(node) else None
 
 
-def refusal(reply_to: str, prefix: str, own_node: str | None) -> str | None:
-    """Why a command may not name `reply_to`; None when it may.
-
-    `own_node` is the node of the worker's connection as tokens name it, None when unknown.
-    """
+def refusal(reply_to: str, prefix: str) -> str | None:
+    """Why a command may not name `reply_to`; None when it may."""
     try:
         size = len(reply_to.encode())
     except UnicodeEncodeError:  # a lone surrogate: no queue has that name
@@ -89,11 +94,8 @@ def refusal(reply_to: str, prefix: str, own_node: str | None) -> str | None:
     if reply_to == DIRECT_REPLY_TO:
         return None
     if reply_to.startswith(_TOKEN_PREFIX):
-        node = token_node(reply_to)
-        if node is None:
+        if token_node(reply_to) is None:
             return "not a direct reply-to token as the broker forms it"
-        if node != own_node:
-            return "a direct reply-to token of another broker node"
         return None
     if reply_to.startswith("amq."):
         return "a name the broker reserves"

@@ -6,6 +6,10 @@ an owner with email settings, a channel and an SMTP user, and `smtp-worker run` 
 Workers log JSON lines to a file each; the rig reads them, and at the end of the test hands
 them to the session's secret scan.
 
+Scenarios that stop or kill a broker do it to private nodes (tests/faults/cluster.py): a
+three-node cluster started once per session (`rabbit_cluster`, `cluster_rig`), or one node of
+a test's own (`private_rig`). No test stops, restarts or reconfigures the shared broker.
+
 Every scenario records its figures with `figure(...)`: printed at once (`pytest -s`), and
 repeated in a "fault-injection figures" section of the terminal summary, so CI logs show them.
 """
@@ -22,7 +26,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,10 +47,12 @@ from tests.conftest import (
     remember_secrets,
     unique_domain,
 )
+from tests.faults.cluster import PrivateNodes, private_nodes
 from tests.faults.proxy import Proxy
 from tests.smtp_servers import SmtpServer
 from worker.broker import Names
 from worker.config import Settings
+from worker.connection import connect_first
 from worker.security import Keyring, new_id, new_token
 from worker.store import Store, migrate
 from worker.store.tables import owners
@@ -171,12 +177,14 @@ class WorkerProcess:
 class Load:
     """An upstream service: publishes commands with confirms and keeps every reply it gets.
 
-    Its reply queue is durable and named, so it survives a broker restart with the replies
-    in it, and its consumer acks each reply: nothing is lost on the client's side.
+    Its reply queue is a named quorum queue, so it survives a broker restart (or, on a cluster,
+    the loss of a node) with the replies in it, and its consumer acks each reply: nothing is
+    lost on the client's side. Its connection moves to another node as the worker's does.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, amqp_url: str | None = None) -> None:
         self.settings = settings
+        self.amqp_url = amqp_url or settings.amqp_url
         self.names = Names(settings.prefix)
         # Not `P.…`: the worker refuses to reply to its own queues.
         self.reply_queue_name = f"{settings.prefix}-faults-replies"
@@ -185,10 +193,12 @@ class Load:
         self.channel: aio_pika.abc.AbstractRobustChannel | None = None
 
     async def connect(self) -> Load:
-        self.connection = await aio_pika.connect_robust(self.settings.amqp_url)
+        self.connection = await connect_first(self.amqp_url, timeout=START_TIMEOUT)
         self.channel = await self.connection.channel(publisher_confirms=True)
         await self.channel.set_qos(prefetch_count=500)
-        queue = await self.channel.declare_queue(self.reply_queue_name, durable=True)
+        queue = await self.channel.declare_queue(
+            self.reply_queue_name, durable=True, arguments={"x-queue-type": "quorum"}
+        )
         await queue.consume(self._on_reply)
         return self
 
@@ -198,7 +208,9 @@ class Load:
         self.replies.setdefault(message.correlation_id or "", []).append(body)
         await message.ack()
 
-    async def publish(self, type_: str, auth: Any, data: Any, message_id: str) -> None:
+    async def publish(
+        self, type_: str, auth: Any, data: Any, message_id: str, timeout: float = 30
+    ) -> None:
         assert self.channel is not None
         body = {"type": type_, "auth": auth, "data": data}
         remember_secrets(body)
@@ -212,7 +224,7 @@ class Load:
                 reply_to=self.reply_queue_name,
             ),
             routing_key=type_,
-            timeout=30,
+            timeout=timeout,
         )
 
     async def publish_many(
@@ -223,6 +235,33 @@ class Load:
         for start in range(0, len(pending), concurrency):
             batch = pending[start : start + concurrency]
             await asyncio.gather(*(self.publish(*command) for command in batch))
+
+    async def publish_steadily(
+        self, commands: Iterable[tuple[str, Any, Any, str]], per_second: float, timeout: float
+    ) -> int:
+        """Publishes commands at about `per_second`, each until the broker confirmed it, as a
+        service does while its node goes away: a publish that fails is sent again, with the
+        same message_id, once the connection is back. Returns how many publishes failed."""
+        failed = 0
+        deadline = time.monotonic() + timeout
+
+        async def one(command: tuple[str, Any, Any, str]) -> None:
+            nonlocal failed
+            while True:
+                try:
+                    await self.publish(*command, timeout=5)
+                    return
+                except Exception:
+                    failed += 1
+                    assert time.monotonic() < deadline, f"{command[3]} never confirmed"
+                    await asyncio.sleep(0.5)
+
+        publishes = []
+        for command in commands:
+            publishes.append(asyncio.create_task(one(command)))
+            await asyncio.sleep(1 / per_second)
+        await asyncio.gather(*publishes)
+        return failed
 
     async def call(self, type_: str, auth: Any, data: Any, timeout: float = 30) -> dict[str, Any]:
         """One command that must succeed; returns the reply's `data`."""
@@ -395,15 +434,19 @@ class Rig:
         return await wait_until(lambda: sids <= set(self.emails_by_sid()), timeout, step=0.2)
 
 
-@pytest.fixture
-async def rig(amqp_url: str, postgres_admin_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
+@contextlib.asynccontextmanager
+async def build_rig(
+    amqp_url: str, postgres_admin_url: str, tmp_path: Path, load_url: str | None = None
+) -> AsyncIterator[Rig]:
+    """A scenario's world on the broker at `amqp_url` (one URL, or a cluster's nodes separated
+    by commas); the load client connects to `load_url` when given."""
     database_url = await create_database(postgres_admin_url)
     store = Store(database_url)
     # A 5 s first delay also paces the look-again of an email another worker holds (its lease).
     settings = make_settings(amqp_url, database_url, retry_delays=(5.0,))
     smtp = await SmtpServer().__aenter__()
     world = Rig(amqp_url, database_url, settings, tmp_path, smtp, store)
-    world.load = Load(settings)
+    world.load = Load(settings, load_url)
     try:
         await migrate(store)
         await world.load.connect()
@@ -419,3 +462,37 @@ async def rig(amqp_url: str, postgres_admin_url: str, tmp_path: Path) -> AsyncIt
         await store.close()
         await delete_topology(amqp_url, world.settings)
         await drop_database(postgres_admin_url, database_url)
+
+
+@pytest.fixture
+async def rig(amqp_url: str, postgres_admin_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
+    async with build_rig(amqp_url, postgres_admin_url, tmp_path) as world:
+        yield world
+
+
+@pytest.fixture(scope="session")
+def rabbit_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateNodes]:
+    """Three private RabbitMQ nodes in one cluster, for the whole session (~30 s to start)."""
+    with private_nodes(tmp_path_factory.mktemp("rabbit-cluster"), 3) as nodes:
+        yield nodes
+
+
+@pytest.fixture
+async def cluster_rig(
+    rabbit_cluster: PrivateNodes, postgres_admin_url: str, tmp_path: Path
+) -> AsyncIterator[Rig]:
+    """A rig on the private cluster: workers list the nodes first to last, the load client last
+    to first (so it starts on another node than a worker started first)."""
+    await asyncio.to_thread(rabbit_cluster.ensure_running)
+    urls = rabbit_cluster.urls
+    async with build_rig(
+        ",".join(urls), postgres_admin_url, tmp_path, load_url=",".join(reversed(urls))
+    ) as world:
+        yield world
+
+
+@pytest.fixture
+async def private_broker(tmp_path: Path) -> AsyncIterator[PrivateNodes]:
+    """One private RabbitMQ node of the test's own (~10 s to start)."""
+    with private_nodes(tmp_path / "rabbit", 1) as nodes:
+        yield nodes

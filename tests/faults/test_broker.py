@@ -1,8 +1,8 @@
 """Scenario 3: the broker goes away under load, and comes back.
 
 a) The worker's connection is cut for 10 seconds (through a proxy; the client is not cut).
-b) The broker itself restarts (`rabbitmqctl stop_app` / `start_app`). That disrupts every client
-   of the broker, so it runs only against a local broker that no other test run is using.
+b) The broker itself restarts: a private RabbitMQ node the test starts (tests/faults/cluster.py)
+   is stopped (`rabbitmqctl stop`, the node's VM exits) and started again.
 
 Either way the worker's consumers come back by themselves, and the run completes: every command
 answered once with one ticket, every email delivered exactly once, nothing dead-lettered.
@@ -11,16 +11,15 @@ answered once with one ticket, every email delivered exactly once, nothing dead-
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import subprocess
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.faults.conftest import Rig, figure
+from tests.faults.cluster import PrivateNodes
+from tests.faults.conftest import Rig, build_rig, figure
 
 pytestmark = pytest.mark.faults
 
@@ -107,45 +106,20 @@ async def test_the_worker_comes_back_after_its_broker_connection_is_cut_for_10_s
     )
 
 
-def _other_test_runs() -> list[str]:
-    """Command lines of pytest processes other than this one and its parents."""
-    mine = {os.getpid(), os.getppid()}
-    found = subprocess.run(
-        ["pgrep", "-af", "pytest"], capture_output=True, text=True, check=False, timeout=10
-    ).stdout.splitlines()
-    return [line for line in found if int(line.split(maxsplit=1)[0]) not in mine]
-
-
-def _broker_restart_refusal(amqp_url: str) -> str | None:
-    if urlsplit(amqp_url).hostname not in {"127.0.0.1", "localhost"}:
-        return "the broker is not local"
-    if shutil.which("rabbitmqctl") is None:
-        return "rabbitmqctl is not installed"
-    if others := _other_test_runs():
-        return f"another test run shares the broker: {others[0][:80]}"
-    return None
-
-
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
-
-
 @pytest.mark.timeout(240)
-async def test_the_worker_comes_back_after_the_broker_restarts(rig: Rig, amqp_url: str) -> None:
-    refusal = _broker_restart_refusal(amqp_url)
-    if refusal is not None:
-        pytest.skip(f"broker restart not run: {refusal}")
+async def test_the_worker_comes_back_after_its_broker_restarts(
+    private_broker: PrivateNodes, postgres_admin_url: str, tmp_path: Path
+) -> None:
+    url = private_broker.urls[0]
+    async with build_rig(url, postgres_admin_url, tmp_path) as rig:
 
-    async def restart() -> float:
-        started = time.monotonic()
-        try:
-            await asyncio.to_thread(rabbitmqctl, "stop_app")
-        finally:
-            await asyncio.to_thread(rabbitmqctl, "start_app")
-        await asyncio.to_thread(rabbitmqctl, "await_startup")
-        # The client's own robust connection must be back before its replies can arrive.
-        assert rig.load.channel is not None
-        await asyncio.wait_for(rig.load.channel.ready(), 60)
-        return time.monotonic() - started
+        async def restart() -> float:
+            started = time.monotonic()
+            await asyncio.to_thread(private_broker.stop, 0)
+            await asyncio.to_thread(private_broker.restart, 0)
+            # The load client's own connection must be back before its replies can arrive.
+            assert rig.load.channel is not None
+            await asyncio.wait_for(rig.load.channel.ready(), 60)
+            return time.monotonic() - started
 
-    await run_through_an_outage(rig, "broker restart", "restart", restart)
+        await run_through_an_outage(rig, "broker restart", "restart", restart)

@@ -13,7 +13,7 @@ Replies and events are the `schemas` models (`schemas.replies`, `schemas.events`
 """
 
 from worker.client.commands import UNSET, Unset
-from worker.client.connection import Client, EventStream, split_urls
+from worker.client.connection import Client, EventStream
 from worker.client.errors import (
     BadReply,
     BrokerUnreachable,
@@ -23,6 +23,7 @@ from worker.client.errors import (
     NoWorker,
     Unroutable,
 )
+from worker.connection import split_urls
 
 __all__ = [
     "UNSET",

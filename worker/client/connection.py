@@ -37,7 +37,6 @@ from aiormq.exceptions import (
     DeliveryError,
     PublishError,
 )
-from yarl import URL
 
 from schemas import Event, Reply, parse_event, parse_reply
 from worker.broker import Names
@@ -50,6 +49,7 @@ from worker.client.errors import (
     NoWorker,
     Unroutable,
 )
+from worker.connection import NoNodeAnswered, open_first, split_urls
 
 log = structlog.get_logger("worker.client")
 
@@ -69,21 +69,6 @@ _RETRIED = (
     DeliveryError,
     RuntimeError,
 )
-
-
-def split_urls(amqp_url: str | Sequence[str]) -> list[str]:
-    """The nodes of `amqp_url`: one URL, several separated by commas, or a list (one cluster)."""
-    parts = amqp_url.split(",") if isinstance(amqp_url, str) else amqp_url
-    urls = [url.strip() for url in parts if url.strip()]
-    if not urls:
-        raise ValueError("no AMQP URL given")
-    return urls
-
-
-def _where(url: str) -> str:
-    """A node as an error message may show it: no credentials."""
-    parsed = URL(url)
-    return f"{parsed.host}:{parsed.port}" if parsed.port else str(parsed.host)
 
 
 def _alive(connection: AbstractConnection) -> bool:
@@ -268,21 +253,16 @@ class Client(Commands):
             with contextlib.suppress(*_RETRIED):
                 await self._connection.close()
             self._connection = None
-        failures = []
         name = f"smtp-worker client {socket.gethostname()}:{os.getpid()}"
-        for url in self.urls:
-            connection = aio_pika.Connection(URL(url), client_properties={"connection_name": name})
-            try:
-                await connection.connect(timeout=self.connect_timeout)
-            except (OSError, AMQPConnectionError, TimeoutError) as exc:
-                failures.append(f"{_where(url)}: {type(exc).__name__}")
-                # Closed now: left to its __del__, the close would be scheduled at any time.
-                await connection.close()
-                continue
-            connection.close_callbacks.add(self._on_close)
-            self._connection, self._channel, self._commands = connection, None, None
-            return connection
-        raise BrokerUnreachable(f"no broker node answered ({'; '.join(failures)})")
+        try:
+            connection = await open_first(
+                self.urls, timeout=self.connect_timeout, client_properties={"connection_name": name}
+            )
+        except NoNodeAnswered as exc:
+            raise BrokerUnreachable(str(exc)) from None
+        connection.close_callbacks.add(self._on_close)
+        self._connection, self._channel, self._commands = connection, None, None
+        return connection
 
     async def _reply_channel(self) -> AbstractChannel:
         """The channel commands go out on: direct reply-to answers on the publishing channel."""
