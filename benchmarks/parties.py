@@ -36,6 +36,13 @@ def free_port() -> int:
     return port
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time process `pid` has used, from /proc/<pid>/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 @dataclass
 class WorkerProcess:
     process: subprocess.Popen[bytes]
@@ -57,10 +64,7 @@ class WorkerProcess:
         return values["VmRSS"], values["VmHWM"]
 
     def cpu_seconds(self) -> float:
-        """User plus system CPU time the process has used, from /proc/<pid>/stat."""
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        fields = stat.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        return cpu_seconds(self.pid)
 
     def log_lines(self) -> int:
         return len(self.log.read_bytes().splitlines())

@@ -20,14 +20,19 @@ worker count:
 - `ticket.new` → email accepted by the sink, per second: the ticket.new requests over the time
   from the first request sent to the last of their emails accepted;
 - `ticket.new` p50 latency with one request outstanding (SEQUENTIAL requests);
-- the workers' CPU (user + system, in cores) over the `ticket.new` load and its emails.
+- the CPU time (user + system) each request cost the echo, and the workers per
+  `settings.channel.get` and per `ticket.new` with its email: on a shared machine, where the
+  rates follow what else runs, the least noisy figure; and the workers' CPU in cores over the
+  `ticket.new` load and its emails (below 1 per worker: it waited, for the store, the broker or
+  the machine's CPUs).
 
 Prints the median of the rounds of each figure and its ratio to the echo's median of the same
-run (rates to the echo's replies/s, latencies to its p50), each round's value, and the load
-average of the machine (a shared machine's figures vary with what else runs). `--quick` (or
-BENCH_QUICK=1) is one round of 500 requests and 50 sequential ones. `--profile FILE` records
-the first PostgreSQL single worker with py-spy (on PATH or beside this Python) during its
-`ticket.new` load and emails, as collapsed stacks; `python -m benchmarks.profile FILE` sums them.
+run (rates to the echo's replies/s, latencies to its p50, CPU to its CPU per request), each
+round's value, and the load average of the machine (a shared machine's figures vary with what
+else runs). `--quick` (or BENCH_QUICK=1) is one round of 500 requests and 50 sequential ones.
+`--profile FILE` records the first PostgreSQL single worker with py-spy (on PATH or beside this
+Python) during its `ticket.new` load and emails, as collapsed stacks; `python -m
+benchmarks.profile FILE` sums them.
 
 The prefix's queues and exchanges and the databases are deleted at the end; the broker is shared.
 """
@@ -61,6 +66,7 @@ from benchmarks.parties import (
     AMQP_URL,
     POSTGRES_URL,
     WorkerProcess,
+    cpu_seconds,
     create_owner,
     delete_topology,
     start_worker,
@@ -74,6 +80,7 @@ from worker.broker import Names
 
 REPLY_TIMEOUT = 60.0
 RAW_CONNECTIONS = 4
+CPU_MS = "CPU ms/request"
 WARM_UP = 50
 
 
@@ -221,6 +228,7 @@ class Bench:
         self.figures: dict[tuple[str, str, int], list[float]] = {}
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-"))
         self.profiled = False
+        self.echo_pid = 0
 
     def record(self, figure: str, store: str, workers: int, value: float) -> None:
         self.figures.setdefault((figure, store, workers), []).append(value)
@@ -229,8 +237,10 @@ class Bench:
         exchange = client.channel.default_exchange
         o = self.options
         await client.load(exchange, queue, lambda i: b"{}", WARM_UP, 10)
+        cpu = cpu_seconds(self.echo_pid)
         elapsed, _ = await client.load(exchange, queue, lambda i: b"{}", o.requests, o.in_flight)
         self.record("replies/s", "echo", 0, o.requests / elapsed)
+        self.record(CPU_MS, "echo", 0, (cpu_seconds(self.echo_pid) - cpu) * 1000 / o.requests)
         _, latencies = await client.load(exchange, queue, lambda i: b"{}", o.sequential, 1)
         self.record("p50 ms, 1 in flight", "echo", 0, statistics.median(latencies) * 1000)
 
@@ -334,10 +344,11 @@ class Bench:
         await client.load(exchange, "ticket.new", new, WARM_UP, 10)
         await emails_accepted(control_port, sent + WARM_UP, 60)
 
-        elapsed, _ = await client.load(
-            exchange, "settings.channel.get", get, o.requests, o.in_flight
-        )
+        key, cpu = "settings.channel.get", sum(p.cpu_seconds() for p in procs)
+        elapsed, _ = await client.load(exchange, key, get, o.requests, o.in_flight)
+        used = sum(p.cpu_seconds() for p in procs) - cpu
         self.record("settings.channel.get replies/s", store, workers, o.requests / elapsed)
+        self.record(f"{key} {CPU_MS}", store, workers, used * 1000 / o.requests)
 
         profile = None
         if o.profile and store == "postgres" and workers == 1 and not self.profiled:
@@ -351,6 +362,7 @@ class Bench:
         used = sum(p.cpu_seconds() for p in procs) - cpu
         self.record("ticket.new replies/s", store, workers, o.requests / elapsed)
         self.record("ticket.new → email accepted/s", store, workers, o.requests / (last - wall))
+        self.record(f"ticket.new + email {CPU_MS}", store, workers, used * 1000 / o.requests)
         self.record("worker CPU, cores", store, workers, used / (time.perf_counter() - started))
 
         _, latencies = await client.load(exchange, "ticket.new", new, o.sequential, 1)
@@ -373,8 +385,9 @@ class Bench:
         try:
             async with (
                 party("benchmarks.sink") as (_, sink_ports),
-                party("benchmarks.echo", echo_queue),
+                party("benchmarks.echo", echo_queue) as (echo, _),
             ):
+                self.echo_pid = echo.pid
                 smtp_port, control_port = (int(port) for port in sink_ports.split())
                 for n in range(o.rounds):
                     loads.append(os.getloadavg())
@@ -398,28 +411,37 @@ class Bench:
         medians = {key: statistics.median(values) for key, values in self.figures.items()}
         echo_rate = medians["replies/s", "echo", 0]
         echo_p50 = medians["p50 ms, 1 in flight", "echo", 0]
+        echo_cpu = medians[CPU_MS, "echo", 0]
         print(
             f"\n{o.requests} requests with {o.in_flight} in flight, {o.sequential} with 1; "
             f"medians of {o.rounds} round(s) in {seconds:.0f} s; {os.cpu_count()} cores; "
             f"load average (1, 5, 15 min) before each round and at the end: "
             + "; ".join(" ".join(f"{x:.2f}" for x in load) for load in loads)
         )
-        print(f"{'figure':34s} {'store':>8s} {'workers':>7s} {'median':>9s} {'× echo':>7s}  rounds")
+        print(f"{'figure':40s} {'store':>8s} {'workers':>7s} {'median':>9s} {'× echo':>7s}  rounds")
         for (figure, store, workers), values in self.figures.items():
             median = medians[figure, store, workers]
             if figure.startswith("worker CPU"):
                 ratio = ""
+            elif figure.endswith(CPU_MS):
+                ratio = f"{median / echo_cpu:6.2f}×"
             elif "ms" in figure:
                 ratio = f"{median / echo_p50:6.2f}×"
             else:
                 ratio = f"{median / echo_rate:6.2f}×"
             print(
-                f"{figure:34s} {store:>8s} {workers or '':>7} {median:9.1f} {ratio:>7s}  "
+                f"{figure:40s} {store:>8s} {workers or '':>7} {median:9.1f} {ratio:>7s}  "
                 + ", ".join(f"{v:.1f}" for v in values)
             )
 
 
 async def main(options: Options) -> None:
+    # Interrupted, the run still stops its processes and deletes what it made (a shell starts a
+    # background job with SIGINT ignored: SIGTERM too).
+    task, loop = asyncio.current_task(), asyncio.get_running_loop()
+    assert task is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
     connection = await aio_pika.connect_robust(AMQP_URL)
     bench = Bench(options, connection)
     started = time.perf_counter()
