@@ -447,6 +447,9 @@ async def main(options: Options) -> None:
     started = time.perf_counter()
     try:
         loads = await bench.run()
+    except asyncio.CancelledError:
+        print(f"interrupted: processes stopped, queues and databases deleted; logs in {bench.tmp}")
+        raise SystemExit(130) from None
     finally:
         await connection.close()
     bench.report(loads, time.perf_counter() - started)
