@@ -48,9 +48,10 @@ lint: install
 contract: install
 	$(BIN)/smtp-worker asyncapi --write
 
-## Throughput against a bare aio-pika RPC echo on the same broker (prints figures).
+## Speed as users run it, each party its own process, as ratios to a bare aio-pika RPC echo and a
+## raw aiosmtplib send (~10 min; BENCH_QUICK=1 for one short round, BENCH_ARGS for the options).
 bench: install
-	$(BIN)/python -m benchmarks.throughput
+	$(BIN)/python -m benchmarks.throughput $(BENCH_ARGS)
 
 ## 50,000 mixed commands through two workers (not in CI).
 soak: install

@@ -23,18 +23,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import functools
 import json
-import os
 import random
 import re
 import secrets
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -52,13 +47,21 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from benchmarks.databases import create_database, drop_database
-from worker.broker import COMMAND_QUEUES, Names
-from worker.config import Settings
-
-AMQP_URL = os.environ.get("SMTP_WORKER_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-POSTGRES_URL = os.environ.get(
-    "SMTP_WORKER_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+from benchmarks.parties import (
+    AMQP_URL,
+    POSTGRES_URL,
+    WorkerProcess,
+    create_owner,
+    delete_topology,
+    free_port,
+    queue_counts,
+    start_worker,
+    stop_workers,
+    wait_ready,
+    worker_env,
 )
+from worker.broker import Names
+
 CHANNELS = 4
 USERS = 8
 REPLY_TIMEOUT = 120.0
@@ -97,7 +100,7 @@ class CountingRelay:
     def __init__(self) -> None:
         self.received: Counter[bytes] = Counter()
         self._lock = threading.Lock()
-        self.port = _free_port()
+        self.port = free_port()
         self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
 
     # aiosmtpd's hook names are fixed.
@@ -126,92 +129,6 @@ class CountingRelay:
 
     def stop(self) -> None:
         self._controller.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-# --- worker processes -----------------------------------------------------------------------------
-
-
-@dataclass
-class WorkerProcess:
-    process: subprocess.Popen[bytes]
-    log: Path
-    # label ("start", "10%", …, "end", "drained") -> (VmRSS, VmHWM) in KiB
-    memory: dict[str, tuple[int, int]] = field(default_factory=dict)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def read_memory(self) -> tuple[int, int]:
-        """(VmRSS, VmHWM) in KiB, from /proc/<pid>/status."""
-        values = {}
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0])
-        return values["VmRSS"], values["VmHWM"]
-
-    def log_lines(self) -> int:
-        return len(self.log.read_bytes().splitlines())
-
-
-def start_worker(env: dict[str, str], log: Path) -> WorkerProcess:
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "worker", "run"], env=env, stdout=out, stderr=out
-        )
-    return WorkerProcess(process, log)
-
-
-def create_owner(env: dict[str, str]) -> dict[str, str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "worker", "owner", "create", "--name", "soak"],
-        env=env,
-        capture_output=True,
-        check=True,
-        timeout=60,
-    )
-    owner: dict[str, str] = json.loads(done.stdout)
-    return owner
-
-
-async def queue_counts(
-    connection: aio_pika.abc.AbstractConnection, queue: str
-) -> tuple[int, int] | None:
-    """(messages, consumers) of a queue, or None when it does not exist (yet)."""
-    # A passive declare of a missing queue closes its channel: one channel per question.
-    channel = await connection.channel()
-    try:
-        declared = await channel.declare_queue(queue, passive=True)
-    except aio_pika.exceptions.ChannelClosed:
-        return None
-    assert declared.declaration_result is not None
-    result = declared.declaration_result
-    await channel.close()
-    return int(result.message_count or 0), int(result.consumer_count or 0)
-
-
-async def wait_ready(
-    connection: aio_pika.abc.AbstractConnection, names: Names, procs: list[WorkerProcess]
-) -> None:
-    """Waits until every worker consumes every queue."""
-    queues = [names.queue(short) for short in COMMAND_QUEUES] + [names.deliveries]
-    deadline = time.monotonic() + 60
-    while True:
-        counts = [await queue_counts(connection, queue) for queue in queues]
-        if all(c is not None and c[1] >= len(procs) for c in counts):
-            return
-        exited = [p.log for p in procs if p.process.poll() is not None]
-        if exited or time.monotonic() > deadline:
-            raise RuntimeError(f"workers not consuming: {counts}; see {exited or 'the logs'}")
-        await asyncio.sleep(0.2)
 
 
 # --- the driver -----------------------------------------------------------------------------------
@@ -377,17 +294,6 @@ async def scalar(engine: AsyncEngine, sql: str) -> int:
         return int((await conn.execute(text(sql))).scalar_one())
 
 
-async def delete_topology(connection: aio_pika.abc.AbstractConnection, names: Names) -> None:
-    queues = [names.queue(q) for q in (*COMMAND_QUEUES, "dead")] + [names.deliveries]
-    queues += [names.delay(d) for d in Settings.model_fields["retry_delays"].default]
-    for queue in queues:
-        with contextlib.suppress(aio_pika.exceptions.AMQPError):
-            await (await connection.channel()).queue_delete(queue)
-    for exchange in (names.commands, names.events, names.dead):
-        with contextlib.suppress(aio_pika.exceptions.AMQPError):
-            await (await connection.channel()).exchange_delete(exchange)
-
-
 def mib(kib: int) -> str:
     return f"{kib / 1024:7.1f}"
 
@@ -423,16 +329,7 @@ class Soak:
     async def __aenter__(self) -> Soak:
         self.database_url = await create_database(POSTGRES_URL, "smtpw_soak")
         await asyncio.to_thread(self.relay.start)
-        self.env = {
-            **os.environ,
-            "SMTP_WORKER_AMQP_URL": AMQP_URL,
-            "SMTP_WORKER_DATABASE_URL": self.database_url,
-            "SMTP_WORKER_SECRET_KEY": secrets.token_urlsafe(32),
-            "SMTP_WORKER_PREFIX": self.prefix,
-            "SMTP_WORKER_LOG_LEVEL": "WARNING",
-            "SMTP_WORKER_RELAY_ALLOW": "127.0.0.0/8",
-            "SMTP_WORKER_HTTP": "",
-        }
+        self.env = worker_env(self.prefix, self.database_url, secrets.token_urlsafe(32))
         self.procs = [
             start_worker(self.env, self.logs / f"worker-{n + 1}.log") for n in range(self.workers)
         ]
@@ -454,7 +351,7 @@ class Soak:
     async def set_up(self) -> Mix:
         """Waits for the workers; an owner, its domain, channels and SMTP users."""
         await wait_ready(self.connection, self.names, self.procs)
-        owner = await asyncio.to_thread(create_owner, self.env)
+        owner = await asyncio.to_thread(create_owner, self.env, "soak")
         channel = await self.connection.channel(publisher_confirms=True)
         # The worker replies to neither `amq.gen-…` nor `P.…` queues.
         reply_queue = await channel.declare_queue(
@@ -539,14 +436,7 @@ class Soak:
     async def stop_workers(self) -> tuple[list[int | None], float]:
         """SIGTERM to every worker: their exit codes, and how long they took."""
         started = time.perf_counter()
-        for proc in self.procs:
-            proc.process.send_signal(signal.SIGTERM)
-        codes = []
-        for proc in self.procs:
-            try:
-                codes.append(await asyncio.to_thread(proc.process.wait, 60))
-            except subprocess.TimeoutExpired:
-                codes.append(None)
+        codes = await stop_workers(self.procs)
         return codes, time.perf_counter() - started
 
     async def run(self) -> tuple[Tally, Figures]:
