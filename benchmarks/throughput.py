@@ -124,21 +124,10 @@ async def echo_baseline(
 async def _owner(worker: Worker) -> dict[str, str]:
     from datetime import UTC, datetime  # noqa: PLC0415
 
-    from sqlalchemy import insert  # noqa: PLC0415
+    from worker.store import owners  # noqa: PLC0415
 
-    from worker.security import new_id, new_token  # noqa: PLC0415
-    from worker.store.tables import owners  # noqa: PLC0415
-
-    owner_id, token = new_id(), new_token()
     async with worker.store.transaction() as conn:
-        await conn.execute(
-            insert(owners).values(
-                id=owner_id,
-                name="bench",
-                token_hash=worker.keyring.hash(token),
-                created_at=datetime.now(UTC),
-            )
-        )
+        owner_id, token = await owners.create(conn, worker.keyring, "bench", datetime.now(UTC))
     return {"owner_id": owner_id, "token": token}
 
 

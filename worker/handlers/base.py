@@ -16,15 +16,13 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
 from pydantic_core import to_json
-from sqlalchemy import bindparam, select
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schemas.envelope import OwnerAuth, UserAuth
 from worker.config import Settings
 from worker.errors import AuthenticationError, Forbidden
 from worker.jobs import DeliveryJob
 from worker.security import Keyring
-from worker.store.tables import owners, smtp_users
+from worker.store import Connection, owners, users
 
 AuthKind = Literal["owner", "user"]
 
@@ -64,7 +62,7 @@ def event_body(type_: str, owner_id: str | None, now: datetime, data: Any) -> by
 
 @dataclass(slots=True)
 class Context:
-    conn: AsyncConnection
+    conn: Connection
     principal: Principal
     now: datetime
     keyring: Keyring
@@ -131,25 +129,20 @@ def command(
     return register
 
 
-_USER_LOGIN = select(smtp_users.c.owner_id, smtp_users.c.password_hash, smtp_users.c.status).where(
-    smtp_users.c.name == bindparam("name")
-)
 # An owner's token never changes (there is no command to rotate it), so its hash is read once.
 # SMTP user passwords are not cached: a reset must stop the old password at once, everywhere.
 _OWNER_TOKEN_HASHES: dict[str, str] = {}
 
 
 async def authenticate(
-    conn: AsyncConnection, keyring: Keyring, kind: AuthKind, auth: OwnerAuth | UserAuth
+    conn: Connection, keyring: Keyring, kind: AuthKind, auth: OwnerAuth | UserAuth
 ) -> Principal:
     """The principal behind `auth`, or AuthenticationError with one message for every cause."""
     if kind == "owner":
         assert isinstance(auth, OwnerAuth)
         token_hash = _OWNER_TOKEN_HASHES.get(auth.owner_id)
         if token_hash is None:
-            token_hash = await conn.scalar(
-                select(owners.c.token_hash).where(owners.c.id == auth.owner_id)
-            )
+            token_hash = await owners.token_hash(conn, auth.owner_id)
             if token_hash is not None:
                 _OWNER_TOKEN_HASHES[auth.owner_id] = token_hash
         # Hash even when the owner is missing, so both cases cost the same.
@@ -157,7 +150,7 @@ async def authenticate(
             raise AuthenticationError()
         return Principal(auth.owner_id)
     assert isinstance(auth, UserAuth)
-    user = (await conn.execute(_USER_LOGIN, {"name": auth.login})).first()
+    user = await users.login(conn, auth.login)
     if not keyring.verify(auth.password, user.password_hash if user else "") or user is None:
         raise AuthenticationError()
     if user.status != "Enable":

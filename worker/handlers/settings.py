@@ -5,10 +5,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterable
 from email.utils import parseaddr
-from typing import Any, Literal
-
-from sqlalchemy import delete, insert, select, update
-from sqlalchemy.engine import Row
+from typing import Any
 
 from schemas import settings as s
 from schemas._types import distinct_addresses
@@ -17,9 +14,9 @@ from worker.handlers.base import Context, command
 from worker.mail.policy import Network, is_allowed, literal_address
 from worker.mail.relay import Relay, probe
 from worker.security import new_id, new_token
-from worker.store.tables import channels, email_settings, smtp_users
-
-Lock = Literal["share", "update"] | None
+from worker.store import Row, channels, users
+from worker.store import settings as email_settings
+from worker.store.settings import Lock
 
 # --- email settings -----------------------------------------------------------------------------
 
@@ -65,12 +62,7 @@ def _stored_options(options: s.SmtpOptions) -> dict[str, Any]:
 async def _own_settings(ctx: Context, domain: str, lock: Lock = None) -> Row[Any]:
     """The owner's settings of `domain`; `lock` takes its row lock (PostgreSQL; SQLite has one
     writer at a time anyway) until the transaction ends."""
-    query = select(email_settings).where(
-        email_settings.c.domain == domain, email_settings.c.owner_id == ctx.owner_id
-    )
-    if lock is not None:
-        query = query.with_for_update(read=lock == "share")
-    row = (await ctx.conn.execute(query)).first()
+    row = await email_settings.own(ctx.conn, ctx.owner_id, domain, lock)
     if row is None:
         raise NotFound("email settings", [domain])
     return row
@@ -97,10 +89,7 @@ def _check_host(ctx: Context, host: str) -> None:
 @command("settings.email.create", "owner")
 async def create_email_settings(ctx: Context, data: s.EmailSettingsCreate) -> s.EmailSettings:
     _check_host(ctx, data.options.host)
-    taken = await ctx.conn.scalar(
-        select(email_settings.c.id).where(email_settings.c.domain == data.domain)
-    )
-    if taken is not None:
+    if await email_settings.domain_taken(ctx.conn, data.domain):
         raise Conflict(f"the domain {data.domain} is already configured")
     auth = data.options.auth
     values = {
@@ -115,7 +104,7 @@ async def create_email_settings(ctx: Context, data: s.EmailSettingsCreate) -> s.
         "created_at": ctx.now,
         "updated_at": ctx.now,
     }
-    await ctx.conn.execute(insert(email_settings).values(**values))
+    await email_settings.add(ctx.conn, values)
     out = _settings_out(Written(values))
     ctx.emit("email_settings.created", out)
     return out
@@ -186,9 +175,7 @@ async def update_email_settings(ctx: Context, data: s.EmailSettingsUpdate) -> s.
             if value is None and field != "description":
                 raise _null(field.rstrip("_"))
             values[column] = value
-    await ctx.conn.execute(
-        update(email_settings).where(email_settings.c.id == row.id).values(**values)
-    )
+    await email_settings.change(ctx.conn, row.id, values)
     out = _settings_out(Written({**row._asdict(), **values}))
     ctx.emit("email_settings.updated", out)
     return out
@@ -200,16 +187,10 @@ async def delete_email_settings(ctx: Context, data: s.DomainRef) -> s.Removed:
     # (which holds the lock shared) either commits first and is seen below, or waits and then
     # finds the settings gone.
     row = await _own_settings(ctx, data.domain, lock="update")
-    names = sorted(
-        await ctx.conn.scalars(
-            select(channels.c.name).where(
-                channels.c.owner_id == ctx.owner_id, channels.c.domain == row.domain
-            )
-        )
-    )
+    names = await channels.names_on_domain(ctx.conn, ctx.owner_id, row.domain)
     if names:
         raise Conflict(f"channels still use the domain {row.domain}", {"channels": names})
-    await ctx.conn.execute(delete(email_settings).where(email_settings.c.id == row.id))
+    await email_settings.remove(ctx.conn, row.id)
     ctx.emit("email_settings.deleted", {"domain": data.domain})
     return s.Removed()
 
@@ -271,13 +252,7 @@ def _user_out(row: Any, hour: int) -> s.SmtpUser:
 
 
 async def _own_user(ctx: Context, name: str) -> Row[Any]:
-    row = (
-        await ctx.conn.execute(
-            select(smtp_users).where(
-                smtp_users.c.name == name, smtp_users.c.owner_id == ctx.owner_id
-            )
-        )
-    ).first()
+    row = await users.own(ctx.conn, ctx.owner_id, name)
     if row is None:
         raise NotFound("SMTP user", [name])
     return row
@@ -286,19 +261,20 @@ async def _own_user(ctx: Context, name: str) -> Row[Any]:
 @command("settings.smtp_user.add", "owner", secret=True)
 async def add_smtp_user(ctx: Context, data: s.SmtpUserAdd) -> s.SmtpUserCreated:
     name, password = f"smtp_{secrets.token_hex(8)}", new_token()
-    await ctx.conn.execute(
-        insert(smtp_users).values(
-            name=name,
-            owner_id=ctx.owner_id,
-            password_hash=ctx.keyring.hash(password),
-            status="Enable",
-            total_limit=data.total_limit,
-            hourly_limit=data.hourly_limit,
-            total_sent=0,
-            hourly_sent=0,
-            sent_hour=0,
-            created_at=ctx.now,
-        )
+    await users.add(
+        ctx.conn,
+        {
+            "name": name,
+            "owner_id": ctx.owner_id,
+            "password_hash": ctx.keyring.hash(password),
+            "status": "Enable",
+            "total_limit": data.total_limit,
+            "hourly_limit": data.hourly_limit,
+            "total_sent": 0,
+            "hourly_sent": 0,
+            "sent_hour": 0,
+            "created_at": ctx.now,
+        },
     )
     out = s.SmtpUserCreated(
         smtp_user_name=name,
@@ -320,9 +296,7 @@ async def edit_smtp_user(ctx: Context, data: s.SmtpUserEdit) -> s.SmtpUser:
         if (value := getattr(data, key)) is not None
     }
     if values:
-        await ctx.conn.execute(
-            update(smtp_users).where(smtp_users.c.name == row.name).values(**values)
-        )
+        await users.change(ctx.conn, row.name, values)
     out = _user_out(Written({**row._asdict(), **values}), current_hour(ctx))
     ctx.emit("smtp_user.updated", out)
     return out
@@ -332,22 +306,14 @@ async def edit_smtp_user(ctx: Context, data: s.SmtpUserEdit) -> s.SmtpUser:
 async def reset_smtp_password(ctx: Context, data: s.SmtpUserRef) -> s.SmtpUserPassword:
     row = await _own_user(ctx, data.smtp_user_name)
     password = new_token()
-    await ctx.conn.execute(
-        update(smtp_users)
-        .where(smtp_users.c.name == row.name)
-        .values(password_hash=ctx.keyring.hash(password))
-    )
+    await users.change(ctx.conn, row.name, {"password_hash": ctx.keyring.hash(password)})
     ctx.emit("smtp_user.password_reset", {"smtp_user_name": row.name})
     return s.SmtpUserPassword(smtp_user_name=row.name, smtp_password=password)
 
 
 @command("settings.smtp_user.list", "owner")
 async def list_smtp_users(ctx: Context, data: s.Empty) -> s.SmtpUserList:
-    rows = await ctx.conn.execute(
-        select(smtp_users)
-        .where(smtp_users.c.owner_id == ctx.owner_id)
-        .order_by(smtp_users.c.created_at, smtp_users.c.name)
-    )
+    rows = await users.of_owner(ctx.conn, ctx.owner_id)
     hour = current_hour(ctx)
     return s.SmtpUserList(smtp_list=[_user_out(row, hour) for row in rows])
 
@@ -355,7 +321,7 @@ async def list_smtp_users(ctx: Context, data: s.Empty) -> s.SmtpUserList:
 @command("settings.smtp_user.delete", "owner")
 async def delete_smtp_user(ctx: Context, data: s.SmtpUserRef) -> s.Removed:
     row = await _own_user(ctx, data.smtp_user_name)
-    await ctx.conn.execute(delete(smtp_users).where(smtp_users.c.name == row.name))
+    await users.remove(ctx.conn, row.name)
     ctx.emit("smtp_user.deleted", {"smtp_user_name": row.name})
     return s.Removed()
 
@@ -376,11 +342,7 @@ def _channel_out(row: Any) -> s.Channel:
 
 
 async def own_channel(ctx: Context, name: str) -> Row[Any]:
-    row = (
-        await ctx.conn.execute(
-            select(channels).where(channels.c.owner_id == ctx.owner_id, channels.c.name == name)
-        )
-    ).first()
+    row = await channels.own(ctx.conn, ctx.owner_id, name)
     if row is None:
         raise NotFound("channel", [name])
     return row
@@ -389,13 +351,6 @@ async def own_channel(ctx: Context, name: str) -> Row[Any]:
 @command("settings.channel.put", "owner")
 async def put_channel(ctx: Context, data: s.ChannelPut) -> s.Channel:
     await _own_settings(ctx, data.domain, lock="share")
-    existing = (
-        await ctx.conn.execute(
-            select(channels.c.created_at).where(
-                channels.c.owner_id == ctx.owner_id, channels.c.name == data.name
-            )
-        )
-    ).first()
     values = {
         "domain": data.domain,
         "recipients": data.recipients,
@@ -404,19 +359,7 @@ async def put_channel(ctx: Context, data: s.ChannelPut) -> s.Channel:
         ),
         "updated_at": ctx.now,
     }
-    if existing is None:
-        await ctx.conn.execute(
-            insert(channels).values(
-                owner_id=ctx.owner_id, name=data.name, created_at=ctx.now, **values
-            )
-        )
-    else:
-        await ctx.conn.execute(
-            update(channels)
-            .where(channels.c.owner_id == ctx.owner_id, channels.c.name == data.name)
-            .values(**values)
-        )
-    created_at = ctx.now if existing is None else existing.created_at
+    created_at = await channels.put(ctx.conn, ctx.owner_id, data.name, values, ctx.now)
     out = _channel_out(Written({"name": data.name, "created_at": created_at, **values}))
     ctx.emit("channel.updated", out)
     return out
@@ -429,17 +372,13 @@ async def get_channel(ctx: Context, data: s.ChannelRef) -> s.Channel:
 
 @command("settings.channel.list", "owner")
 async def list_channels(ctx: Context, data: s.Empty) -> s.ChannelList:
-    rows = await ctx.conn.execute(
-        select(channels).where(channels.c.owner_id == ctx.owner_id).order_by(channels.c.name)
-    )
+    rows = await channels.of_owner(ctx.conn, ctx.owner_id)
     return s.ChannelList(channels=[_channel_out(row) for row in rows])
 
 
 @command("settings.channel.delete", "owner")
 async def delete_channel(ctx: Context, data: s.ChannelRef) -> s.Removed:
     await own_channel(ctx, data.name)
-    await ctx.conn.execute(
-        delete(channels).where(channels.c.owner_id == ctx.owner_id, channels.c.name == data.name)
-    )
+    await channels.remove(ctx.conn, ctx.owner_id, data.name)
     ctx.emit("channel.deleted", {"name": data.name})
     return s.Removed()

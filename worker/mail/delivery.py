@@ -28,8 +28,6 @@ from typing import Any
 import pydantic
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
-from sqlalchemy import or_, select, update
-from sqlalchemy.engine import Row
 
 from schemas._types import split_mailbox
 from worker.broker import PARK_DELAYS, Broker, settle
@@ -48,8 +46,8 @@ from worker.mail.compose import hit_email, hit_message_id, ticket_email, ticket_
 from worker.mail.relay import Relay, SmtpPool
 from worker.metrics import Metrics
 from worker.security import Keyring
-from worker.store import Store
-from worker.store.tables import channels, email_settings, emails, hits, tickets
+from worker.store import Row, Store, channels, emails, tickets
+from worker.store import settings as email_settings
 
 log = structlog.get_logger("worker.delivery")
 
@@ -174,11 +172,7 @@ class DeliveryConsumer:
 
     async def _complete(self, job: DeliveryJob) -> DeliveryJob | None:
         async with self.store.transaction() as conn:
-            email = (
-                await conn.execute(
-                    select(emails.c.owner_id, emails.c.domain).where(emails.c.id == job.email_id)
-                )
-            ).first()
+            email = (await emails.get_many(conn, [job.email_id])).get(job.email_id)
         if email is None:
             return None
         return job.model_copy(update={"owner_id": email.owner_id, "domain": email.domain})
@@ -191,7 +185,13 @@ class DeliveryConsumer:
     async def _deliver(self, delivery: DeliveryJob, redelivered: bool, turn: Turn) -> str:
         now = datetime.now(UTC)
         email_id = delivery.email_id
-        job: Job | str = await self._with_store(self._claim, email_id, now, redelivered)
+        job: Job | str | Row[Any] = await self._with_store(self._claim, email_id, now)
+        if isinstance(job, Row):
+            # Sent or failed already. A redelivery may follow a crash that lost its outcome
+            # event: published again, after the claim's transaction.
+            if redelivered:
+                await self._republish_outcome(job)
+            return "done"
         if isinstance(job, str):
             if job == "busy":
                 # Another worker is sending it (or died doing so): look again after a delay.
@@ -223,25 +223,17 @@ class DeliveryConsumer:
             return "retry"
         return await self._finish(job, "sent", None, permanent=False)
 
-    async def _claim(self, email_id: str, now: datetime, redelivered: bool) -> Job | str:
+    async def _claim(self, email_id: str, now: datetime) -> Job | str | Row[Any]:
         """Takes the email for sending, or says why not (`done`, `busy`, `missing`, or
-        `saturated`: its relay, shared with another domain, has no free connection)."""
+        `saturated`: its relay, shared with another domain, has no free connection); the
+        email's row when it was sent or failed before."""
         async with self.store.transaction() as conn:
-            email = (await conn.execute(select(emails).where(emails.c.id == email_id))).first()
+            email = (await emails.get_many(conn, [email_id])).get(email_id)
             if email is None:
                 return "missing"
             if email.status in ("sent", "failed"):
-                if redelivered:
-                    await self._republish_outcome(email)
-                return "done"
-            settings = (
-                await conn.execute(
-                    select(email_settings).where(
-                        email_settings.c.domain == email.domain,
-                        email_settings.c.owner_id == email.owner_id,
-                    )
-                )
-            ).first()
+                return email
+            settings = await email_settings.own(conn, email.owner_id, email.domain)
             relay = None
             if settings is not None:
                 password = (
@@ -251,34 +243,14 @@ class DeliveryConsumer:
                 # The lease is taken only once a connection is there to send it with.
                 if not self.pool.has_free_connection(relay):
                     return "saturated"
-            claimed = await conn.execute(
-                update(emails)
-                .where(
-                    emails.c.id == email_id,
-                    # Read again by the UPDATE itself: another job for the same email (a parked
-                    # copy and its redelivered original) may have sent it since the SELECT above,
-                    # and a sent email's lease is free.
-                    emails.c.status == "pending",
-                    or_(emails.c.lease_until.is_(None), emails.c.lease_until < now),
-                )
-                .values(lease_until=now + LEASE)
-            )
-            if claimed.rowcount != 1:
-                status = await conn.scalar(select(emails.c.status).where(emails.c.id == email_id))
+            if email_id not in await emails.claim(conn, [email_id], now, LEASE):
+                status = (await emails.statuses(conn, [email_id])).get(email_id)
                 return "busy" if status == "pending" else "done"
-            ticket = (await conn.execute(select(tickets).where(tickets.c.sid == email.sid))).one()
-            prefix = await conn.scalar(
-                select(channels.c.subject_prefix).where(
-                    channels.c.owner_id == email.owner_id, channels.c.name == ticket.channel
-                )
-            )
+            ticket = await tickets.get(conn, email.sid)
+            prefix = await channels.subject_prefix(conn, email.owner_id, ticket.channel)
             hit = None
             if email.seq is not None:
-                hit = (
-                    await conn.execute(
-                        select(hits).where(hits.c.sid == email.sid, hits.c.seq == email.seq)
-                    )
-                ).one()
+                hit = await tickets.get_hit(conn, email.sid, email.seq)
         if settings is None or relay is None:
             return await self._finish_without_job(email, f"no email settings for {email.domain}")
         # The ticket's Message-ID is fixed when it is created (NULL only on a ticket older than the
@@ -325,26 +297,7 @@ class DeliveryConsumer:
 
         async def write() -> None:
             async with self.store.transaction() as conn:
-                await conn.execute(
-                    update(emails)
-                    .where(emails.c.id == email.id)
-                    .values(
-                        status=status,
-                        attempts=attempts,
-                        last_error=error,
-                        lease_until=None,
-                        updated_at=now,
-                    )
-                )
-                await conn.execute(
-                    update(tickets)
-                    .where(tickets.c.sid == email.sid)
-                    .values(
-                        delivery_status=status,
-                        delivery_attempts=attempts,
-                        delivery_last_error=error,
-                    )
-                )
+                await emails.record(conn, email, status, attempts, error, now)
 
         await self._with_store(write)
 
