@@ -123,7 +123,7 @@ class Worker:
         log.info("worker.started", queues=list(self.queues), prefix=self.settings.prefix)
 
     async def _start_deliveries(self) -> None:
-        from worker.mail.delivery import DeliveryConsumer  # noqa: PLC0415
+        from worker.delivery import DeliveryConsumer  # noqa: PLC0415
 
         self.delivery = DeliveryConsumer(
             self.settings, self.store, self.broker, self.keyring, metrics=self.metrics

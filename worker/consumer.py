@@ -57,15 +57,8 @@ from worker.errors import (
     UnreadableMessage,
     ValidationError,
 )
-from worker.handlers.base import (
-    REGISTRY,
-    Context,
-    Effect,
-    Principal,
-    Spec,
-    authenticate,
-    event_body,
-)
+from worker.events import Effect, command_failed
+from worker.handlers.base import REGISTRY, Context, Principal, Spec, authenticate
 from worker.jobs import ProbeJob
 from worker.metrics import Metrics
 from worker.parsing import MAX_DETAILS, Envelope
@@ -449,14 +442,8 @@ class CommandConsumer:
         details = _bounded(exc.details)
         reply = error_reply(spec.type, meta.message_id, exc.name, exc.message, details)
         owner_id = principal.owner_id if principal else None
-        failed = {
-            "type": spec.type,
-            "command_id": meta.message_id,
-            "error": {"name": exc.name, "message": exc.message, "details": details},
-        }
-        effects = [
-            Effect("event", "command.failed", event_body("command.failed", owner_id, now, failed))
-        ]
+        error = {"name": exc.name, "message": exc.message, "details": details}
+        effects = [command_failed(spec.type, meta.message_id, owner_id, now, error)]
         if principal is not None and not isinstance(exc, _NOT_REMEMBERED):
             async with self.store.transaction() as conn:
                 await self._record(conn, principal, meta, spec, "error", reply, effects, now)

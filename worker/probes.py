@@ -49,8 +49,9 @@ from worker.errors import (
     ConcurrentWrite,
     StoreUnavailable,
 )
+from worker.events import Effect, command_failed
 from worker.gate import Gate, Park
-from worker.handlers.base import REGISTRY, Context, Effect, Principal, Spec, event_body
+from worker.handlers.base import REGISTRY, Context, Principal, Spec
 from worker.jobs import ProbeJob
 from worker.security import Keyring
 from worker.store import Store, idempotency
@@ -192,13 +193,9 @@ class ProbeConsumer:
 
     async def _refused(self, job: ProbeJob, exc: CommandError, now: datetime) -> _Answer:
         reply = error_reply(job.type, job.message_id, exc.name, exc.message, exc.details)
-        failed = {
-            "type": job.type,
-            "command_id": job.message_id,
-            "error": {"name": exc.name, "message": exc.message, "details": exc.details},
-        }
-        event = event_body("command.failed", job.owner_id, now, failed)
-        answer = _Answer(reply, "error", [Effect("event", "command.failed", event)])
+        error = {"name": exc.name, "message": exc.message, "details": exc.details}
+        event = command_failed(job.type, job.message_id, job.owner_id, now, error)
+        answer = _Answer(reply, "error", [event])
         return await self._with_store(self._record, job, answer)
 
     async def _recorded(self, job: ProbeJob, now: datetime) -> _Answer | None:

@@ -8,18 +8,17 @@ once the transaction has committed.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
-from pydantic_core import to_json
 
 from schemas.envelope import OwnerAuth, UserAuth
 from worker.config import Settings
 from worker.errors import AuthenticationError, Forbidden
+from worker.events import Effect, event
 from worker.jobs import DeliveryJob
 from worker.security import Keyring
 from worker.store import Connection, owners, users
@@ -33,31 +32,6 @@ class Principal:
 
     owner_id: str
     user: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Effect:
-    """Something to publish after commit: an event, an email job for the delivery queue, or a
-    probe job for the probe queue."""
-
-    kind: Literal["event", "delivery", "probe"]
-    routing_key: str
-    body: bytes
-
-    def dump(self) -> dict[str, str]:
-        return {"kind": self.kind, "routing_key": self.routing_key, "body": self.body.decode()}
-
-    @classmethod
-    def load(cls, raw: dict[str, str]) -> Effect:
-        kind: Any = raw["kind"]
-        return cls(kind, raw["routing_key"], raw["body"].encode())
-
-
-def event_body(type_: str, owner_id: str | None, now: datetime, data: Any) -> bytes:
-    return to_json(
-        {"type": type_, "id": uuid.uuid4().hex, "time": now, "owner_id": owner_id, "data": data},
-        by_alias=True,
-    )
 
 
 @dataclass(slots=True)
@@ -77,9 +51,7 @@ class Context:
         return self.principal.owner_id
 
     def emit(self, type_: str, data: Any) -> None:
-        self.effects.append(
-            Effect("event", type_, event_body(type_, self.owner_id, self.now, data))
-        )
+        self.effects.append(event(type_, self.owner_id, self.now, data))
 
     def deliver(self, email_id: str, domain: str) -> None:
         job = DeliveryJob(email_id=email_id, owner_id=self.owner_id, domain=domain)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable
-from email.utils import parseaddr
 from typing import Any
 
 from schemas import settings as s
 from schemas._types import distinct_addresses
 from worker.errors import Conflict, NotFound, ValidationError
 from worker.handlers.base import Context, command
-from worker.mail.policy import Network, is_allowed, literal_address
-from worker.mail.relay import Relay, probe
+from worker.mail.policy import is_allowed, literal_address
+from worker.mail.relay import Relay, probe, relay_of
 from worker.security import new_id, new_token
 from worker.store import Row, channels, users
 from worker.store import settings as email_settings
@@ -205,24 +203,6 @@ async def test_email_settings(ctx: Context, data: s.DomainRef) -> Relay:
     row = await _own_settings(ctx, data.domain)
     password = ctx.keyring.decrypt(row.auth_pass_enc) if row.auth_pass_enc else None
     return relay_of(row, password, ctx.settings.relay_allow)
-
-
-def relay_of(row: Row[Any], password: str | None, allow: Iterable[Network] = ()) -> Relay:
-    """The relay of a row of email settings; `allow` is SMTP_WORKER_RELAY_ALLOW."""
-    options = row.options
-    return Relay(
-        host=options["host"],
-        port=options["port"],
-        secure=options["secure"],
-        starttls=options["starttls"],
-        reject_unauthorized=options["rejectUnauthorized"],
-        username=options.get("auth_user"),
-        password=password,
-        # Settings stored before the contract bounded the timeout may hold more.
-        timeout=min(max(float(options["timeout"]), s.TIMEOUT_MIN), s.TIMEOUT_MAX),
-        allow=tuple(allow),
-        sender=parseaddr(row.sender)[1] or row.sender,
-    )
 
 
 class Written:

@@ -38,12 +38,11 @@ from worker.errors import (
     StoreUnavailable,
     TransientError,
 )
+from worker.events import event_body
 from worker.gate import Gate, Park, Turn
-from worker.handlers.base import event_body
-from worker.handlers.settings import relay_of
 from worker.jobs import DeliveryJob
 from worker.mail.compose import hit_email, hit_message_id, ticket_email, ticket_message_id
-from worker.mail.relay import Relay, SmtpPool
+from worker.mail.relay import Relay, SmtpPool, relay_of
 from worker.metrics import Metrics
 from worker.security import Keyring
 from worker.store import Row, Store, channels, emails, tickets
