@@ -61,6 +61,7 @@ from worker.events import Effect, command_failed
 from worker.handlers.base import REGISTRY, Context, Principal, Spec, authenticate
 from worker.jobs import ProbeJob
 from worker.metrics import Metrics
+from worker.outcomes import Outcome, StoreRetry
 from worker.parsing import MAX_DETAILS, Envelope
 from worker.security import Keyring
 from worker.store import Store, idempotency
@@ -69,7 +70,7 @@ log = structlog.get_logger("worker.consumer")
 
 # In-process retries while the store is unreachable: about 30 s in all, so a short outage does
 # not burn the message's delivery attempts; past that the message is requeued.
-STORE_BACKOFF = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 10.0)
+STORE_RETRY = StoreRetry((0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 10.0))
 CONCURRENT_WRITE_RETRIES = 5
 MAX_REPLY_BYTES = 16 * 1024 * 1024
 
@@ -109,7 +110,7 @@ class Meta:
 class Result:
     reply: bytes | None  # None: the probe consumer answers (worker.probes)
     effects: list[Effect]
-    outcome: str
+    outcome: Outcome
     status: str = "success"
 
 
@@ -184,17 +185,17 @@ class CommandConsumer:
         structlog.contextvars.bind_contextvars(
             message_id=meta.message_id, correlation_id=meta.correlation_id
         )
-        outcome = "unknown"
+        outcome = Outcome.UNKNOWN
         try:
             outcome = await self._process(message, meta)
         except asyncio.CancelledError:
-            outcome = "cancelled"
+            outcome = Outcome.CANCELLED
             raise
         except Exception:
             # A bug of the consumer's own. Left unsettled, the message would hold a prefetch slot
             # until the channel closes; requeued, it meets the delivery limit and lands in P.dead.
             log.exception("command.crashed")
-            outcome = "crashed"
+            outcome = Outcome.CRASHED
             await settle(message.reject(requeue=True), "command.settle_failed")
         finally:
             log.info(
@@ -208,20 +209,20 @@ class CommandConsumer:
             )
             structlog.contextvars.clear_contextvars()
 
-    async def _process(self, message: AbstractIncomingMessage, meta: Meta) -> str:
+    async def _process(self, message: AbstractIncomingMessage, meta: Meta) -> Outcome:
         try:
             refusal = (
                 None if meta.reply_to is None else await self.broker.reply_to_refusal(meta.reply_to)
             )
         except BrokerUnavailable:
             await settle(message.reject(requeue=True), "command.settle_failed")
-            return "requeued"
+            return Outcome.REQUEUED
         if refusal is not None:
             # Not run, not answered: publishing to that name could crash the broker's channel
             # and with it this worker's connection (see worker.reply_to).
             log.warning("command.reply_to_refused", reason=refusal)
             await settle(message.reject(requeue=False), "command.settle_failed")
-            return "unreadable"
+            return Outcome.UNREADABLE
 
         try:
             if meta.message_id is not None and len(meta.message_id) > 128:
@@ -247,7 +248,7 @@ class CommandConsumer:
             reply = error_reply(type_, meta.message_id, exc.name, exc.message, exc.details)
             await self._reply_quietly(meta, reply, type_, "error")
             await settle(message.reject(requeue=False), "command.settle_failed")
-            return "unreadable"
+            return Outcome.UNREADABLE
 
         type_ = parsed.type
         structlog.contextvars.bind_contextvars(type=type_)
@@ -267,18 +268,18 @@ class CommandConsumer:
             )
             if not meta.last_attempt:
                 await settle(message.reject(requeue=True), "command.settle_failed")
-                return "requeued"
+                return Outcome.REQUEUED
             reply = error_reply(type_, meta.message_id, "GeneralError", GENERAL_ERROR_MESSAGE)
             await self._reply_quietly(meta, reply, type_, "error")
             await settle(message.reject(requeue=False), "command.settle_failed")
-            return "dead-lettered"
+            return Outcome.DEAD_LETTERED
 
         if _returned(message):
             # Its channel closed while the command ran (the broker connection dropped): the broker
             # has put the message back, and the next delivery publishes the recorded results.
             # Publishing them now as well would only send the reply, events and emails twice.
             log.warning("command.returned")
-            return "returned"
+            return Outcome.RETURNED
         try:
             await self._publish(meta, type_, result)
         except BrokerUnavailable as exc:
@@ -286,7 +287,7 @@ class CommandConsumer:
             # channel is most likely gone), and idempotency answers with the stored reply.
             log.warning("command.publish_failed", cause=repr(exc.__cause__))
             await settle(message.reject(requeue=True), "command.settle_failed")
-            return "requeued"
+            return Outcome.REQUEUED
         await settle(message.ack(), "command.settle_failed")
         return result.outcome
 
@@ -330,25 +331,26 @@ class CommandConsumer:
         self, spec: Spec, parsed: CommandBody | Envelope, body: bytes, meta: Meta
     ) -> Result:
         conflicts = 0
-        backoff = iter(STORE_BACKOFF)
         maybe_done = meta.redelivered
-        while True:
-            try:
-                return await self._execute_once(spec, parsed, body, meta, maybe_done)
-            except ConcurrentWrite:
-                conflicts += 1
-                if conflicts > CONCURRENT_WRITE_RETRIES:
-                    raise
-            except StoreUnavailable as exc:
-                # A commit the store may have done without saying so: the next attempt may find
-                # this message's own record, its effects unpublished. After any other outage, a
-                # record found is a concurrent duplicate's, which publishes them itself.
-                maybe_done = maybe_done or isinstance(exc, CommitUnknown)
-                delay = next(backoff, None)
-                if delay is None:
-                    raise
-                log.warning("store.unavailable", retry_in=delay)
-                await asyncio.sleep(delay)
+
+        async def attempt() -> Result:
+            nonlocal conflicts
+            while True:
+                try:
+                    return await self._execute_once(spec, parsed, body, meta, maybe_done)
+                except ConcurrentWrite:
+                    conflicts += 1
+                    if conflicts > CONCURRENT_WRITE_RETRIES:
+                        raise
+
+        def unavailable(exc: StoreUnavailable) -> None:
+            # A commit the store may have done without saying so: the next attempt may find
+            # this message's own record, its effects unpublished. After any other outage, a
+            # record found is a concurrent duplicate's, which publishes them itself.
+            nonlocal maybe_done
+            maybe_done = maybe_done or isinstance(exc, CommitUnknown)
+
+        return await STORE_RETRY.run(attempt, on_unavailable=unavailable)
 
     async def _execute_once(
         self,
@@ -380,7 +382,7 @@ class CommandConsumer:
                         # a commit never confirmed: publish everything again. A fresh repeat
                         # gets its reply only.
                         effects = found.effects if maybe_done else []
-                        return Result(reply, effects, "duplicate", found.status)
+                        return Result(reply, effects, Outcome.DUPLICATE, found.status)
                 # Only now, its sender known, is the data of an envelope read in full.
                 command = parsing.complete(body, parsed) if isinstance(parsed, Envelope) else parsed
                 ctx = Context(conn, principal, now, self.keyring, self.settings)
@@ -391,7 +393,7 @@ class CommandConsumer:
                         conn, principal, meta, spec, "success", reply, ctx.effects, now
                     )
                     await ctx.finish()
-                    return Result(reply, ctx.effects, "success")
+                    return Result(reply, ctx.effects, Outcome.SUCCESS)
             # A probe waits on a relay for up to its timeout: the probe consumer runs it, and
             # answers and records it, without holding this consumer's slot (contract 5).
             job = ProbeJob(
@@ -403,7 +405,7 @@ class CommandConsumer:
                 reply_to=meta.reply_to,
                 correlation_id=meta.correlation_id,
             )
-            return Result(None, [Effect("probe", "", job.dump())], "queued")
+            return Result(None, [Effect("probe", "", job.dump())], Outcome.QUEUED)
         except CommandError as exc:
             return await self._refused(spec, principal, meta, exc, now)
 
@@ -447,7 +449,7 @@ class CommandConsumer:
         if principal is not None and not isinstance(exc, _NOT_REMEMBERED):
             async with self.store.transaction() as conn:
                 await self._record(conn, principal, meta, spec, "error", reply, effects, now)
-        return Result(reply, effects, "refused", "error")
+        return Result(reply, effects, Outcome.REFUSED, "error")
 
 
 def _returned(message: AbstractIncomingMessage) -> bool:

@@ -19,11 +19,10 @@ crash); its outcome event is published again instead, since the crash may have l
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 import structlog
@@ -35,7 +34,6 @@ from worker.config import Settings
 from worker.errors import (
     SmtpPermanentError,
     SmtpTransientError,
-    StoreUnavailable,
     TransientError,
 )
 from worker.events import event_body
@@ -44,13 +42,14 @@ from worker.jobs import DeliveryJob
 from worker.mail.compose import hit_email, hit_message_id, ticket_email, ticket_message_id
 from worker.mail.relay import Relay, SmtpPool, relay_of
 from worker.metrics import Metrics
+from worker.outcomes import EmailOutcome, StoreRetry, Unclaimed
 from worker.security import Keyring
 from worker.store import Row, Store, channels, emails, tickets
 from worker.store import settings as email_settings
 
 log = structlog.get_logger("worker.delivery")
 
-STORE_BACKOFF = (0.1, 0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0)
+STORE_RETRY = StoreRetry((0.1, 0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0))
 # Long enough for one send through a slow relay; a worker killed while sending holds the email
 # this long before another may send it.
 LEASE = timedelta(seconds=60)
@@ -109,7 +108,7 @@ class DeliveryConsumer:
 
     async def __call__(self, message: AbstractIncomingMessage) -> None:
         started = time.perf_counter()
-        outcome = "unknown"
+        outcome = EmailOutcome.UNKNOWN
         try:
             job = DeliveryJob.load(message.body)
         except pydantic.ValidationError:
@@ -121,12 +120,12 @@ class DeliveryConsumer:
             outcome = await self._process(job, bool(message.redelivered))
             await settle(message.ack(), "delivery.settle_failed")
         except TransientError as exc:
-            outcome = "requeued"
+            outcome = EmailOutcome.REQUEUED
             log.warning("delivery.requeued", error=type(exc).__name__)
             await settle(message.reject(requeue=True), "delivery.settle_failed")
         except Exception:
             # A bug: requeued until the delivery limit dead-letters it into P.dead.
-            outcome = "requeued"
+            outcome = EmailOutcome.REQUEUED
             log.exception("delivery.crashed")
             await settle(message.reject(requeue=True), "delivery.settle_failed")
         finally:
@@ -137,23 +136,12 @@ class DeliveryConsumer:
             )
             structlog.contextvars.clear_contextvars()
 
-    async def _with_store(self, operation: Any, *args: Any) -> Any:
-        """Runs a store step, waiting out a short outage before giving the message back."""
-        for delay in (*STORE_BACKOFF, None):
-            try:
-                return await operation(*args)
-            except StoreUnavailable:
-                if delay is None:
-                    raise
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
-
-    async def _process(self, job: DeliveryJob, redelivered: bool) -> str:
+    async def _process(self, job: DeliveryJob, redelivered: bool) -> EmailOutcome:
         if job.owner_id is None or job.domain is None:
             # Queued by an older release: the email says whose it is and which relay it takes.
-            found = await self._with_store(self._complete, job)
+            found = await STORE_RETRY.run(self._complete, job)
             if found is None:
-                return "missing"
+                return EmailOutcome.MISSING
             job = found
         turn = await self.gate.enter(
             [
@@ -165,7 +153,7 @@ class DeliveryConsumer:
             return await self._park(job, turn.delay)
         with turn:
             outcome = await self._deliver(job, redelivered, turn)
-        if outcome == "saturated":
+        if outcome is EmailOutcome.SATURATED:
             return await self._park(job, PARK_DELAYS[0])
         return outcome
 
@@ -176,28 +164,30 @@ class DeliveryConsumer:
             return None
         return job.model_copy(update={"owner_id": email.owner_id, "domain": email.domain})
 
-    async def _park(self, job: DeliveryJob, delay: float) -> str:
+    async def _park(self, job: DeliveryJob, delay: float) -> EmailOutcome:
         """No turn at its relay soon: back in the queue for later, with no attempt spent."""
         await self.broker.publish_delivery(job.parked_again().dump(), delay=delay)
-        return "parked"
+        return EmailOutcome.PARKED
 
-    async def _deliver(self, delivery: DeliveryJob, redelivered: bool, turn: Turn) -> str:
+    async def _deliver(self, delivery: DeliveryJob, redelivered: bool, turn: Turn) -> EmailOutcome:
         now = datetime.now(UTC)
         email_id = delivery.email_id
-        job: Job | str | Row[Any] = await self._with_store(self._claim, email_id, now)
+        job = await STORE_RETRY.run(self._claim, email_id, now)
         if isinstance(job, Row):
             # Sent or failed already. A redelivery may follow a crash that lost its outcome
             # event: published again, after the claim's transaction.
             if redelivered:
                 await self._republish_outcome(job)
-            return "done"
+            return EmailOutcome.DONE
+        if isinstance(job, EmailOutcome):  # failed for good before it could be sent
+            return job
         if isinstance(job, str):
             if job == "busy":
                 # Another worker is sending it (or died doing so): look again after a delay.
                 await self.broker.publish_delivery(
                     delivery.dump(), delay=self.settings.retry_delays[0]
                 )
-            return job
+            return EmailOutcome(job)
         try:
             try:
                 await self.pool.send(job.relay, job.message, job.sender, job.email.recipients)
@@ -219,13 +209,15 @@ class DeliveryConsumer:
             await self.broker.publish_delivery(
                 retry.dump(), delay=self.settings.retry_delays[attempts - 1]
             )
-            return "retry"
+            return EmailOutcome.RETRY
         return await self._finish(job, "sent", None, permanent=False)
 
-    async def _claim(self, email_id: str, now: datetime) -> Job | str | Row[Any]:
+    async def _claim(
+        self, email_id: str, now: datetime
+    ) -> Job | Unclaimed | EmailOutcome | Row[Any]:
         """Takes the email for sending, or says why not (`done`, `busy`, `missing`, or
         `saturated`: its relay, shared with another domain, has no free connection); the
-        email's row when it was sent or failed before."""
+        email's row when it was sent or failed before; FAILED when it cannot be composed."""
         async with self.store.transaction() as conn:
             email = (await emails.get_many(conn, [email_id])).get(email_id)
             if email is None:
@@ -298,25 +290,27 @@ class DeliveryConsumer:
             async with self.store.transaction() as conn:
                 await emails.record(conn, email, status, attempts, error, now)
 
-        await self._with_store(write)
+        await STORE_RETRY.run(write)
 
-    async def _finish(self, job: Job, status: str, error: str | None, *, permanent: bool) -> str:
+    async def _finish(
+        self, job: Job, status: Literal["sent", "failed"], error: str | None, *, permanent: bool
+    ) -> EmailOutcome:
         email = job.email
         attempts = email.attempts + 1
         await self._record(email, status, attempts, error)
         self.metrics.email_processed(status, email.created_at)
         updated = email._asdict() | {"status": status, "attempts": attempts, "last_error": error}
         await self._publish_outcome(updated, job.message_id, permanent=permanent)
-        return status
+        return EmailOutcome(status)
 
-    async def _finish_without_job(self, email: Row[Any], error: str) -> str:
+    async def _finish_without_job(self, email: Row[Any], error: str) -> EmailOutcome:
         """An email that cannot be composed (its domain lost its settings, or text stored before
         today's rules breaks them): failed for good."""
         await self._record(email, "failed", email.attempts, error)
         self.metrics.email_processed("failed")
         updated = email._asdict() | {"status": "failed", "last_error": error}
         await self._publish_outcome(updated, None, permanent=True)
-        return "failed"
+        return EmailOutcome.FAILED
 
     async def _republish_outcome(self, email: Row[Any]) -> None:
         message_id = (

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -53,6 +52,7 @@ from worker.events import Effect, command_failed
 from worker.gate import Gate, Park
 from worker.handlers.base import REGISTRY, Context, Principal, Spec
 from worker.jobs import ProbeJob
+from worker.outcomes import Outcome, StoreRetry
 from worker.security import Keyring
 from worker.store import Store, idempotency
 
@@ -62,7 +62,7 @@ PROBES_PER_OWNER = 4
 PROBES_WAITING = 4  # per owner, each holding a prefetch slot; more are parked
 # Jobs held at once: running (at most 4 per owner), waiting (4 per owner) and being parked.
 PROBE_PREFETCH = 256
-STORE_BACKOFF = (0.1, 0.5, 1.0, 2.0, 4.0, 8.0)
+STORE_RETRY = StoreRetry((0.1, 0.5, 1.0, 2.0, 4.0, 8.0))
 
 _T = TypeVar("_T")
 
@@ -97,15 +97,15 @@ class ProbeConsumer:
         structlog.contextvars.bind_contextvars(
             type=job.type, message_id=job.message_id, correlation_id=job.correlation_id
         )
-        outcome = "unknown"
+        outcome = Outcome.UNKNOWN
         try:
             outcome = await self._process(message, job, spec)
         except asyncio.CancelledError:
-            outcome = "cancelled"
+            outcome = Outcome.CANCELLED
             raise
         except Exception:
             log.exception("probe.crashed")
-            outcome = "crashed"
+            outcome = Outcome.CRASHED
             await settle(message.reject(requeue=True), "probe.settle_failed")
         finally:
             log.info(
@@ -115,7 +115,9 @@ class ProbeConsumer:
             )
             structlog.contextvars.clear_contextvars()
 
-    async def _process(self, message: AbstractIncomingMessage, job: ProbeJob, spec: Spec) -> str:
+    async def _process(
+        self, message: AbstractIncomingMessage, job: ProbeJob, spec: Spec
+    ) -> Outcome:
         turn = await self.gate.enter([(job.owner_id, PROBES_PER_OWNER)])
         if isinstance(turn, Park):
             return await self._park(message, job, turn.delay)
@@ -134,16 +136,16 @@ class ProbeConsumer:
                 )
                 if not meta.last_attempt:
                     await settle(message.reject(requeue=True), "probe.settle_failed")
-                    return "requeued"
+                    return Outcome.REQUEUED
                 reply = error_reply(job.type, job.message_id, "GeneralError", GENERAL_ERROR_MESSAGE)
                 await self._reply_quietly(job, reply, "error")
                 await settle(message.reject(requeue=False), "probe.settle_failed")
-                return "dead-lettered"
+                return Outcome.DEAD_LETTERED
         if _returned(message):
             # Its channel closed meanwhile: the job is back in the queue, and its next run
             # answers (from the record, when the command has a message_id).
             log.warning("probe.returned")
-            return "returned"
+            return Outcome.RETURNED
         # A fresh duplicate's effects were published by the job that recorded them; a
         # redelivered job may have recorded them itself and died before publishing.
         effects = answer.effects if not answer.recorded or meta.redelivered else []
@@ -152,19 +154,19 @@ class ProbeConsumer:
         except BrokerUnavailable as exc:
             log.warning("probe.publish_failed", cause=repr(exc.__cause__))
             await settle(message.reject(requeue=True), "probe.settle_failed")
-            return "requeued"
+            return Outcome.REQUEUED
         await settle(message.ack(), "probe.settle_failed")
-        return "duplicate" if answer.recorded else "answered"
+        return Outcome.DUPLICATE if answer.recorded else Outcome.ANSWERED
 
-    async def _park(self, message: AbstractIncomingMessage, job: ProbeJob, delay: float) -> str:
+    async def _park(self, message: AbstractIncomingMessage, job: ProbeJob, delay: float) -> Outcome:
         """Its owner has every turn taken and enough waiting: back in the queue, for later."""
         try:
             await self.broker.publish_probe(job.parked_again().dump(), delay=delay)
         except BrokerUnavailable:
             await settle(message.reject(requeue=True), "probe.settle_failed")
-            return "requeued"
+            return Outcome.REQUEUED
         await settle(message.ack(), "probe.settle_failed")
-        return "parked"
+        return Outcome.PARKED
 
     # --- the answer -----------------------------------------------------------------------------
 
@@ -172,17 +174,17 @@ class ProbeConsumer:
         assert spec.finish is not None
         principal = Principal(job.owner_id, job.user)
         now = datetime.now(UTC)
-        recorded = await self._with_store(self._recorded, job, now)
+        recorded = await STORE_RETRY.run(self._recorded, job, now)
         if recorded is not None:
             return recorded
         data = COMMANDS[job.type][1].model_validate(job.data)
         try:
-            prepared = await self._with_store(self._prepare, spec, principal, data, now)
+            prepared = await STORE_RETRY.run(self._prepare, spec, principal, data, now)
         except CommandError as exc:
             return await self._refused(job, exc, now)
         result = await spec.finish(prepared)
         reply = success_reply(job.type, job.message_id, result)
-        return await self._with_store(self._record, job, _Answer(reply, "success", []))
+        return await STORE_RETRY.run(self._record, job, _Answer(reply, "success", []))
 
     async def _prepare(self, spec: Spec, principal: Principal, data: Any, now: datetime) -> Any:
         """The handler once more, as the command's sender: the settings as they are now."""
@@ -196,7 +198,7 @@ class ProbeConsumer:
         error = {"name": exc.name, "message": exc.message, "details": exc.details}
         event = command_failed(job.type, job.message_id, job.owner_id, now, error)
         answer = _Answer(reply, "error", [event])
-        return await self._with_store(self._record, job, answer)
+        return await STORE_RETRY.run(self._record, job, answer)
 
     async def _recorded(self, job: ProbeJob, now: datetime) -> _Answer | None:
         if job.message_id is None:
@@ -234,18 +236,6 @@ class ProbeConsumer:
                 raise
             return first
         return answer
-
-    async def _with_store(self, operation: Callable[..., Awaitable[_T]], *args: Any) -> _T:
-        """Runs a store step, waiting out a short outage before giving the job back."""
-        for delay in (*STORE_BACKOFF, None):
-            try:
-                return await operation(*args)
-            except StoreUnavailable:
-                if delay is None:
-                    raise
-                log.warning("store.unavailable", retry_in=delay)
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
 
     # --- publishing -----------------------------------------------------------------------------
 
