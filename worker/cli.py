@@ -28,6 +28,7 @@ from worker.client import (
 )
 from worker.config import Settings
 from worker.dead import DeadLetterError, list_dead, replay_dead
+from worker.handlers import RouterMismatch
 from worker.http import HttpAddressError
 from worker.owners import create_owner
 from worker.store import Store, migrate
@@ -41,7 +42,7 @@ async def _run(settings: Settings, queues: list[str]) -> int:
     try:
         worker = Worker(settings, queues)
         await worker.start()
-    except HttpAddressError as exc:
+    except (HttpAddressError, RouterMismatch) as exc:
         print(f"smtp-worker: {exc}", file=sys.stderr)
         return 1
     try:

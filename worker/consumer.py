@@ -58,7 +58,7 @@ from worker.errors import (
     ValidationError,
 )
 from worker.events import Effect, command_failed
-from worker.handlers.base import REGISTRY, Context, Principal, Spec, authenticate
+from worker.handlers.base import Context, Principal, Router, Spec, authenticate
 from worker.jobs import ProbeJob
 from worker.metrics import Metrics
 from worker.outcomes import Outcome, StoreRetry
@@ -168,9 +168,11 @@ class CommandConsumer:
         keyring: Keyring,
         metrics: Metrics | None = None,
         *,
+        router: Router,
         unrouted: bool = False,
     ) -> None:
         self.settings = settings
+        self.router = router
         self.store = store
         self.broker = broker
         self.keyring = keyring
@@ -252,7 +254,7 @@ class CommandConsumer:
 
         type_ = parsed.type
         structlog.contextvars.bind_contextvars(type=type_)
-        spec = REGISTRY.get(type_)
+        spec = self.router.get(type_)
         try:
             if spec is None:
                 raise NotImplementedError(f"no handler for {type_}")

@@ -50,7 +50,7 @@ from worker.errors import (
 )
 from worker.events import Effect, command_failed
 from worker.gate import Gate, Park
-from worker.handlers.base import REGISTRY, Context, Principal, Spec
+from worker.handlers.base import Context, Principal, Router, Spec
 from worker.jobs import ProbeJob
 from worker.outcomes import Outcome, StoreRetry
 from worker.security import Keyring
@@ -76,8 +76,11 @@ class _Answer:
 
 
 class ProbeConsumer:
-    def __init__(self, settings: Settings, store: Store, broker: Broker, keyring: Keyring) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, broker: Broker, keyring: Keyring, *, router: Router
+    ) -> None:
         self.settings = settings
+        self.router = router
         self.store = store
         self.broker = broker
         self.keyring = keyring
@@ -87,7 +90,7 @@ class ProbeConsumer:
         started = time.perf_counter()
         try:
             job = ProbeJob.load(message.body)
-            spec = REGISTRY.get(job.type)
+            spec = self.router.get(job.type)
             if spec is None or spec.finish is None:
                 raise ValueError(f"{job.type} is not a probe")
         except (pydantic.ValidationError, ValueError):

@@ -1,4 +1,4 @@
-"""What every handler gets (a Context) and how commands find their handler (the registry).
+"""What every handler gets (a Context) and how commands find their handler (a Router).
 
 Handlers take a Context and validated data, and return a pydantic model: the reply's `data`.
 They raise CommandError subclasses to refuse. They never see AMQP or raw JSON; what they want
@@ -8,7 +8,7 @@ once the transaction has committed.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, TypeVar
@@ -68,6 +68,7 @@ class Context:
 M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[Context, Any], Awaitable[BaseModel]]
 Finish = Callable[[Any], Awaitable[BaseModel]]
+_H = TypeVar("_H", bound=Callable[[Context, Any], Awaitable[Any]])
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,21 +85,50 @@ class Spec:
     secret: bool = False
 
 
-REGISTRY: dict[str, Spec] = {}
+class RouterMismatch(ValueError):
+    """The handlers are not those of the contract's commands: the worker must not start."""
 
 
-def command(
-    type_: str, auth: AuthKind, *, finish: Finish | None = None, secret: bool = False
-) -> Callable[[Callable[[Context, Any], Awaitable[Any]]], Callable[[Context, Any], Awaitable[Any]]]:
-    def register(
-        handler: Callable[[Context, Any], Awaitable[Any]],
-    ) -> Callable[[Context, Any], Awaitable[Any]]:
-        if type_ in REGISTRY:
-            raise RuntimeError(f"two handlers for {type_}")
-        REGISTRY[type_] = Spec(type_, auth, handler, finish, secret)
-        return handler
+class Router:
+    """The handler of each command type. Each family of handlers has its own, filled by its
+    `command` decorators; the worker is given one Router that joins them."""
 
-    return register
+    def __init__(self, *routers: Router) -> None:
+        self.specs: dict[str, Spec] = {}
+        for router in routers:
+            for spec in router.specs.values():
+                self.add(spec)
+
+    def add(self, spec: Spec) -> None:
+        if spec.type in self.specs:
+            raise RouterMismatch(f"two handlers for {spec.type}")
+        self.specs[spec.type] = spec
+
+    def command(
+        self, type_: str, auth: AuthKind, *, finish: Finish | None = None, secret: bool = False
+    ) -> Callable[[_H], _H]:
+        def register(handler: _H) -> _H:
+            self.add(Spec(type_, auth, handler, finish, secret))
+            return handler
+
+        return register
+
+    def get(self, type_: str) -> Spec | None:
+        return self.specs.get(type_)
+
+    def __getitem__(self, type_: str) -> Spec:
+        return self.specs[type_]
+
+    def check(self, types: Iterable[str]) -> None:
+        """RouterMismatch unless there is exactly one handler for each of `types`."""
+        wanted = set(types)
+        missing, extra = sorted(wanted - set(self.specs)), sorted(set(self.specs) - wanted)
+        if missing or extra:
+            raise RouterMismatch(
+                "the handlers do not match the contract's commands:"
+                + (f" no handler for {', '.join(missing)};" if missing else "")
+                + (f" handlers for unknown commands {', '.join(extra)};" if extra else "")
+            )
 
 
 # An owner's token never changes (there is no command to rotate it), so its hash is read once.

@@ -8,13 +8,15 @@ from typing import Any
 from schemas import settings as s
 from schemas._types import distinct_addresses
 from worker.errors import Conflict, NotFound, ValidationError
-from worker.handlers.base import Context, command
+from worker.handlers.base import Context, Router
 from worker.mail.policy import is_allowed, literal_address
 from worker.mail.relay import Relay, probe, relay_of
 from worker.security import new_id, new_token
 from worker.store import Row, channels, users
 from worker.store import settings as email_settings
 from worker.store.settings import Lock
+
+router = Router()
 
 # --- email settings -----------------------------------------------------------------------------
 
@@ -84,7 +86,7 @@ def _check_host(ctx: Context, host: str) -> None:
         )
 
 
-@command("settings.email.create", "owner")
+@router.command("settings.email.create", "owner")
 async def create_email_settings(ctx: Context, data: s.EmailSettingsCreate) -> s.EmailSettings:
     _check_host(ctx, data.options.host)
     if await email_settings.domain_taken(ctx.conn, data.domain):
@@ -108,7 +110,7 @@ async def create_email_settings(ctx: Context, data: s.EmailSettingsCreate) -> s.
     return out
 
 
-@command("settings.email.get", "owner")
+@router.command("settings.email.get", "owner")
 async def get_email_settings(ctx: Context, data: s.DomainRef) -> s.EmailSettings:
     return _settings_out(await _own_settings(ctx, data.domain))
 
@@ -151,7 +153,7 @@ def _merge_options(
     return options, pass_enc
 
 
-@command("settings.email.update", "owner")
+@router.command("settings.email.update", "owner")
 async def update_email_settings(ctx: Context, data: s.EmailSettingsUpdate) -> s.EmailSettings:
     row = await _own_settings(ctx, data.domain)
     given = data.model_fields_set
@@ -179,7 +181,7 @@ async def update_email_settings(ctx: Context, data: s.EmailSettingsUpdate) -> s.
     return out
 
 
-@command("settings.email.delete", "owner")
+@router.command("settings.email.delete", "owner")
 async def delete_email_settings(ctx: Context, data: s.DomainRef) -> s.Removed:
     # Locked before the channels are read: a concurrent settings.channel.put of this domain
     # (which holds the lock shared) either commits first and is seen below, or waits and then
@@ -198,7 +200,7 @@ async def _probe(relay: Relay) -> s.EmailTestResult:
     return s.EmailTestResult(ok=result.ok, stage=result.stage, message=result.message)
 
 
-@command("settings.email.test", "owner", finish=_probe)
+@router.command("settings.email.test", "owner", finish=_probe)
 async def test_email_settings(ctx: Context, data: s.DomainRef) -> Relay:
     row = await _own_settings(ctx, data.domain)
     password = ctx.keyring.decrypt(row.auth_pass_enc) if row.auth_pass_enc else None
@@ -238,7 +240,7 @@ async def _own_user(ctx: Context, name: str) -> Row[Any]:
     return row
 
 
-@command("settings.smtp_user.add", "owner", secret=True)
+@router.command("settings.smtp_user.add", "owner", secret=True)
 async def add_smtp_user(ctx: Context, data: s.SmtpUserAdd) -> s.SmtpUserCreated:
     name, password = f"smtp_{secrets.token_hex(8)}", new_token()
     await users.add(
@@ -267,7 +269,7 @@ async def add_smtp_user(ctx: Context, data: s.SmtpUserAdd) -> s.SmtpUserCreated:
     return out
 
 
-@command("settings.smtp_user.edit", "owner")
+@router.command("settings.smtp_user.edit", "owner")
 async def edit_smtp_user(ctx: Context, data: s.SmtpUserEdit) -> s.SmtpUser:
     row = await _own_user(ctx, data.smtp_user_name)
     values = {
@@ -282,7 +284,7 @@ async def edit_smtp_user(ctx: Context, data: s.SmtpUserEdit) -> s.SmtpUser:
     return out
 
 
-@command("settings.smtp_user.reset_password", "owner", secret=True)
+@router.command("settings.smtp_user.reset_password", "owner", secret=True)
 async def reset_smtp_password(ctx: Context, data: s.SmtpUserRef) -> s.SmtpUserPassword:
     row = await _own_user(ctx, data.smtp_user_name)
     password = new_token()
@@ -291,14 +293,14 @@ async def reset_smtp_password(ctx: Context, data: s.SmtpUserRef) -> s.SmtpUserPa
     return s.SmtpUserPassword(smtp_user_name=row.name, smtp_password=password)
 
 
-@command("settings.smtp_user.list", "owner")
+@router.command("settings.smtp_user.list", "owner")
 async def list_smtp_users(ctx: Context, data: s.Empty) -> s.SmtpUserList:
     rows = await users.of_owner(ctx.conn, ctx.owner_id)
     hour = current_hour(ctx)
     return s.SmtpUserList(smtp_list=[_user_out(row, hour) for row in rows])
 
 
-@command("settings.smtp_user.delete", "owner")
+@router.command("settings.smtp_user.delete", "owner")
 async def delete_smtp_user(ctx: Context, data: s.SmtpUserRef) -> s.Removed:
     row = await _own_user(ctx, data.smtp_user_name)
     await users.remove(ctx.conn, row.name)
@@ -328,7 +330,7 @@ async def own_channel(ctx: Context, name: str) -> Row[Any]:
     return row
 
 
-@command("settings.channel.put", "owner")
+@router.command("settings.channel.put", "owner")
 async def put_channel(ctx: Context, data: s.ChannelPut) -> s.Channel:
     await _own_settings(ctx, data.domain, lock="share")
     values = {
@@ -345,18 +347,18 @@ async def put_channel(ctx: Context, data: s.ChannelPut) -> s.Channel:
     return out
 
 
-@command("settings.channel.get", "owner")
+@router.command("settings.channel.get", "owner")
 async def get_channel(ctx: Context, data: s.ChannelRef) -> s.Channel:
     return _channel_out(await own_channel(ctx, data.name))
 
 
-@command("settings.channel.list", "owner")
+@router.command("settings.channel.list", "owner")
 async def list_channels(ctx: Context, data: s.Empty) -> s.ChannelList:
     rows = await channels.of_owner(ctx.conn, ctx.owner_id)
     return s.ChannelList(channels=[_channel_out(row) for row in rows])
 
 
-@command("settings.channel.delete", "owner")
+@router.command("settings.channel.delete", "owner")
 async def delete_channel(ctx: Context, data: s.ChannelRef) -> s.Removed:
     await own_channel(ctx, data.name)
     await channels.remove(ctx.conn, ctx.owner_id, data.name)

@@ -19,9 +19,11 @@ from pydantic_core import to_json
 from schemas import tickets as t
 from schemas._types import distinct_addresses
 from worker.errors import Conflict, NotFound, QuotaExceeded
-from worker.handlers.base import Context, command
+from worker.handlers.base import Context, Router
 from worker.security import new_id
 from worker.store import Row, channels, emails, tickets, users
+
+router = Router()
 
 # --- shared steps -------------------------------------------------------------------------------
 
@@ -138,7 +140,7 @@ async def _append_hit(ctx: Context, ticket: Row[Any], summary: str, body: str | 
 # --- tickets ------------------------------------------------------------------------------------
 
 
-@command("ticket.new", "user")
+@router.command("ticket.new", "user")
 async def new_ticket(ctx: Context, data: t.TicketNew) -> t.TicketCreated:
     channel = await _channel_with_settings(ctx, data.channel)
     new = data.ticket
@@ -182,13 +184,13 @@ async def new_ticket(ctx: Context, data: t.TicketNew) -> t.TicketCreated:
     return t.TicketCreated(sid=sid, created=True)
 
 
-@command("ticket.get", "user")
+@router.command("ticket.get", "user")
 async def get_ticket(ctx: Context, data: t.TicketRef) -> t.TicketOne:
     found = await _own_tickets(ctx, [data.sid])
     return t.TicketOne(ticket=ticket_out(found[data.sid]))
 
 
-@command("ticket.get_many", "user")
+@router.command("ticket.get_many", "user")
 async def get_tickets(ctx: Context, data: t.TicketRefs) -> t.TicketMany:
     found = await _own_tickets(ctx, data.sids)
     return t.TicketMany(tickets=[ticket_out(found[sid]) for sid in data.sids])
@@ -217,32 +219,32 @@ async def _set_ack(ctx: Context, sids: list[str], status: str, event: str) -> t.
     return t.Done()
 
 
-@command("ticket.close", "user")
+@router.command("ticket.close", "user")
 async def close_ticket(ctx: Context, data: t.TicketClose) -> t.Done:
     return await _close(ctx, [data.sid], data.comment)
 
 
-@command("ticket.close_many", "user")
+@router.command("ticket.close_many", "user")
 async def close_tickets(ctx: Context, data: t.TicketCloseMany) -> t.Done:
     return await _close(ctx, data.sids, data.comment)
 
 
-@command("ticket.ack", "user")
+@router.command("ticket.ack", "user")
 async def ack_ticket(ctx: Context, data: t.TicketRef) -> t.Done:
     return await _set_ack(ctx, [data.sid], "acknowledged", "ticket.acked")
 
 
-@command("ticket.ack_many", "user")
+@router.command("ticket.ack_many", "user")
 async def ack_tickets(ctx: Context, data: t.TicketRefs) -> t.Done:
     return await _set_ack(ctx, data.sids, "acknowledged", "ticket.acked")
 
 
-@command("ticket.unack", "user")
+@router.command("ticket.unack", "user")
 async def unack_ticket(ctx: Context, data: t.TicketRef) -> t.Done:
     return await _set_ack(ctx, [data.sid], "unacknowledged", "ticket.unacked")
 
 
-@command("ticket.unack_many", "user")
+@router.command("ticket.unack_many", "user")
 async def unack_tickets(ctx: Context, data: t.TicketRefs) -> t.Done:
     return await _set_ack(ctx, data.sids, "unacknowledged", "ticket.unacked")
 
@@ -250,7 +252,7 @@ async def unack_tickets(ctx: Context, data: t.TicketRefs) -> t.Done:
 # --- hits ---------------------------------------------------------------------------------------
 
 
-@command("hit.new", "user")
+@router.command("hit.new", "user")
 async def new_hit(ctx: Context, data: t.HitNew) -> t.HitCreated:
     ticket = (await _own_tickets(ctx, [data.sid]))[data.sid]
     if ticket.status == "closed":
@@ -268,7 +270,7 @@ _ENVELOPE_BYTES = 4096
 _HIT_OVERHEAD = 64
 
 
-@command("hit.list", "user")
+@router.command("hit.list", "user")
 async def list_hits(ctx: Context, data: t.HitList) -> t.HitPage:
     """One page of hits: at most `limit` of them, and at most PAGE_BYTES of reply.
 
