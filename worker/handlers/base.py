@@ -8,6 +8,7 @@ once the transaction has committed.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -131,9 +132,32 @@ class Router:
             )
 
 
-# An owner's token never changes (there is no command to rotate it), so its hash is read once.
+class _Recent:
+    """The values of the `size` keys used last: the least recently used goes first."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._values: OrderedDict[str, str] = OrderedDict()
+
+    def get(self, key: str) -> str | None:
+        value = self._values.get(key)
+        if value is not None:
+            self._values.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: str) -> None:
+        self._values[key] = value
+        self._values.move_to_end(key)
+        if len(self._values) > self.size:
+            self._values.popitem(last=False)
+
+
+# An owner's token never changes (there is no command to rotate it), so its hash is read once,
+# and kept while the owner is among the last OWNERS_CACHED to send a command: a worker's memory
+# does not grow with the number of owners in the store.
 # SMTP user passwords are not cached: a reset must stop the old password at once, everywhere.
-_OWNER_TOKEN_HASHES: dict[str, str] = {}
+OWNERS_CACHED = 10_000
+_OWNER_TOKEN_HASHES = _Recent(OWNERS_CACHED)
 
 
 async def authenticate(
@@ -146,7 +170,7 @@ async def authenticate(
         if token_hash is None:
             token_hash = await owners.token_hash(conn, auth.owner_id)
             if token_hash is not None:
-                _OWNER_TOKEN_HASHES[auth.owner_id] = token_hash
+                _OWNER_TOKEN_HASHES.put(auth.owner_id, token_hash)
         # Hash even when the owner is missing, so both cases cost the same.
         if not keyring.verify(auth.token, token_hash or "") or token_hash is None:
             raise AuthenticationError()
