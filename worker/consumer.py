@@ -43,7 +43,7 @@ from pydantic_core import to_json
 
 from schemas import CommandBody
 from worker import parsing
-from worker.broker import DELIVERY_LIMIT, Broker, settle
+from worker.broker import DELIVERY_LIMIT, Broker
 from worker.config import Settings
 from worker.errors import (
     GENERAL_ERROR_MESSAGE,
@@ -61,7 +61,7 @@ from worker.events import Effect, command_failed
 from worker.handlers.base import Context, Principal, Router, Spec, authenticate
 from worker.jobs import ProbeJob
 from worker.metrics import Metrics
-from worker.outcomes import Outcome, StoreRetry
+from worker.outcomes import Outcome, Settlement, StoreRetry, settle_as
 from worker.parsing import MAX_DETAILS, Envelope
 from worker.security import Keyring
 from worker.store import Store, idempotency
@@ -112,6 +112,19 @@ class Result:
     effects: list[Effect]
     outcome: Outcome
     status: str = "success"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What becomes of a command message, decided once (the table above) and applied once."""
+
+    outcome: Outcome
+    settle: Settlement
+    type: str | None = None
+    # Published, confirmed, before the ack; a broker that refuses them requeues the message.
+    result: Result | None = None
+    # An error reply sent as far as the broker takes it, before the message goes to P.dead.
+    notice: bytes | None = None
 
 
 class _MessageIdReused(Conflict):
@@ -189,7 +202,7 @@ class CommandConsumer:
         )
         outcome = Outcome.UNKNOWN
         try:
-            outcome = await self._process(message, meta)
+            outcome = await self._apply(message, meta, await self._decide(message, meta))
         except asyncio.CancelledError:
             outcome = Outcome.CANCELLED
             raise
@@ -198,7 +211,7 @@ class CommandConsumer:
             # until the channel closes; requeued, it meets the delivery limit and lands in P.dead.
             log.exception("command.crashed")
             outcome = Outcome.CRASHED
-            await settle(message.reject(requeue=True), "command.settle_failed")
+            await settle_as(message, "requeue", "command.settle_failed")
         finally:
             log.info(
                 "command.processed",
@@ -211,20 +224,37 @@ class CommandConsumer:
             )
             structlog.contextvars.clear_contextvars()
 
-    async def _process(self, message: AbstractIncomingMessage, meta: Meta) -> Outcome:
+    async def _apply(
+        self, message: AbstractIncomingMessage, meta: Meta, verdict: Verdict
+    ) -> Outcome:
+        """Carries out `verdict`: its results published (confirmed), else the message requeued;
+        its notice replied, as far as the broker takes it; then the message settled."""
+        if verdict.result is not None:
+            try:
+                await self._publish(meta, verdict.type, verdict.result)
+            except BrokerUnavailable as exc:
+                # Without its reply the command is not done; the broker will deliver it again (its
+                # channel is most likely gone), and idempotency answers with the stored reply.
+                log.warning("command.publish_failed", cause=repr(exc.__cause__))
+                verdict = Verdict(Outcome.REQUEUED, "requeue")
+        if verdict.notice is not None:
+            await self._reply_quietly(meta, verdict.notice, verdict.type, "error")
+        await settle_as(message, verdict.settle, "command.settle_failed")
+        return verdict.outcome
+
+    async def _decide(self, message: AbstractIncomingMessage, meta: Meta) -> Verdict:
+        """What becomes of the message; the command runs here, nothing is published."""
         try:
             refusal = (
                 None if meta.reply_to is None else await self.broker.reply_to_refusal(meta.reply_to)
             )
         except BrokerUnavailable:
-            await settle(message.reject(requeue=True), "command.settle_failed")
-            return Outcome.REQUEUED
+            return Verdict(Outcome.REQUEUED, "requeue")
         if refusal is not None:
             # Not run, not answered: publishing to that name could crash the broker's channel
             # and with it this worker's connection (see worker.reply_to).
             log.warning("command.reply_to_refused", reason=refusal)
-            await settle(message.reject(requeue=False), "command.settle_failed")
-            return Outcome.UNREADABLE
+            return Verdict(Outcome.UNREADABLE, "dead")
 
         try:
             if meta.message_id is not None and len(meta.message_id) > 128:
@@ -248,9 +278,7 @@ class CommandConsumer:
             type_ = parsing.guess_type(message.body)
             structlog.contextvars.bind_contextvars(type=type_)
             reply = error_reply(type_, meta.message_id, exc.name, exc.message, exc.details)
-            await self._reply_quietly(meta, reply, type_, "error")
-            await settle(message.reject(requeue=False), "command.settle_failed")
-            return Outcome.UNREADABLE
+            return Verdict(Outcome.UNREADABLE, "dead", type=type_, notice=reply)
 
         type_ = parsed.type
         structlog.contextvars.bind_contextvars(type=type_)
@@ -269,29 +297,17 @@ class CommandConsumer:
                 delivery_count=meta.delivery_count,
             )
             if not meta.last_attempt:
-                await settle(message.reject(requeue=True), "command.settle_failed")
-                return Outcome.REQUEUED
+                return Verdict(Outcome.REQUEUED, "requeue")
             reply = error_reply(type_, meta.message_id, "GeneralError", GENERAL_ERROR_MESSAGE)
-            await self._reply_quietly(meta, reply, type_, "error")
-            await settle(message.reject(requeue=False), "command.settle_failed")
-            return Outcome.DEAD_LETTERED
+            return Verdict(Outcome.DEAD_LETTERED, "dead", type=type_, notice=reply)
 
         if _returned(message):
             # Its channel closed while the command ran (the broker connection dropped): the broker
             # has put the message back, and the next delivery publishes the recorded results.
             # Publishing them now as well would only send the reply, events and emails twice.
             log.warning("command.returned")
-            return Outcome.RETURNED
-        try:
-            await self._publish(meta, type_, result)
-        except BrokerUnavailable as exc:
-            # Without its reply the command is not done; the broker will deliver it again (its
-            # channel is most likely gone), and idempotency answers with the stored reply.
-            log.warning("command.publish_failed", cause=repr(exc.__cause__))
-            await settle(message.reject(requeue=True), "command.settle_failed")
-            return Outcome.REQUEUED
-        await settle(message.ack(), "command.settle_failed")
-        return result.outcome
+            return Verdict(Outcome.RETURNED, "none")
+        return Verdict(result.outcome, "ack", type=type_, result=result)
 
     async def _reply_quietly(self, meta: Meta, body: bytes, type_: str | None, status: str) -> None:
         if meta.reply_to is None:
@@ -303,7 +319,7 @@ class CommandConsumer:
         except BrokerUnavailable:
             log.warning("command.reply_failed")
 
-    async def _publish(self, meta: Meta, type_: str, result: Result) -> None:
+    async def _publish(self, meta: Meta, type_: str | None, result: Result) -> None:
         jobs = []
         for effect in result.effects:
             if effect.kind == "event":

@@ -29,7 +29,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from schemas._types import split_mailbox
-from worker.broker import PARK_DELAYS, Broker, settle
+from worker.broker import PARK_DELAYS, Broker
 from worker.config import Settings
 from worker.errors import (
     SmtpPermanentError,
@@ -42,7 +42,7 @@ from worker.jobs import DeliveryJob
 from worker.mail.compose import hit_email, hit_message_id, ticket_email, ticket_message_id
 from worker.mail.relay import Relay, SmtpPool, relay_of
 from worker.metrics import Metrics
-from worker.outcomes import EmailOutcome, StoreRetry, Unclaimed
+from worker.outcomes import EmailOutcome, Settlement, StoreRetry, Unclaimed, settle_as
 from worker.security import Keyring
 from worker.store import Row, Store, channels, emails, tickets
 from worker.store import settings as email_settings
@@ -113,21 +113,22 @@ class DeliveryConsumer:
             job = DeliveryJob.load(message.body)
         except pydantic.ValidationError:
             log.error("delivery.unreadable")
-            await settle(message.reject(requeue=False), "delivery.settle_failed")
+            await settle_as(message, "dead", "delivery.settle_failed")
             return
         structlog.contextvars.bind_contextvars(email_id=job.email_id)
+        settlement: Settlement = "requeue"
         try:
-            outcome = await self._process(job, bool(message.redelivered))
-            await settle(message.ack(), "delivery.settle_failed")
-        except TransientError as exc:
-            outcome = EmailOutcome.REQUEUED
-            log.warning("delivery.requeued", error=type(exc).__name__)
-            await settle(message.reject(requeue=True), "delivery.settle_failed")
-        except Exception:
-            # A bug: requeued until the delivery limit dead-letters it into P.dead.
-            outcome = EmailOutcome.REQUEUED
-            log.exception("delivery.crashed")
-            await settle(message.reject(requeue=True), "delivery.settle_failed")
+            try:
+                outcome = await self._process(job, bool(message.redelivered))
+                settlement = "ack"
+            except TransientError as exc:
+                outcome = EmailOutcome.REQUEUED
+                log.warning("delivery.requeued", error=type(exc).__name__)
+            except Exception:
+                # A bug: requeued until the delivery limit dead-letters it into P.dead.
+                outcome = EmailOutcome.REQUEUED
+                log.exception("delivery.crashed")
+            await settle_as(message, settlement, "delivery.settle_failed")
         finally:
             log.info(
                 "email.processed",

@@ -10,7 +10,9 @@ from enum import StrEnum
 from typing import Any, Literal, TypeVar
 
 import structlog
+from aio_pika.abc import AbstractIncomingMessage
 
+from worker.broker import settle
 from worker.errors import StoreUnavailable
 
 log = structlog.get_logger("worker.store")
@@ -49,6 +51,19 @@ class EmailOutcome(StrEnum):
     SATURATED = "saturated"  # its relay (shared with another domain) had no free connection
     REQUEUED = "requeued"
     UNKNOWN = "unknown"
+
+
+# How a message leaves its consumer: acked; rejected, back into its queue or (dead-lettered)
+# into P.dead; or not at all, when its channel has closed and the broker has it back already.
+Settlement = Literal["ack", "requeue", "dead", "none"]
+
+
+async def settle_as(message: AbstractIncomingMessage, how: Settlement, event: str) -> None:
+    """Settles `message` as `how` says; a failure is logged as `event` (worker.broker.settle)."""
+    if how == "ack":
+        await settle(message.ack(), event)
+    elif how != "none":
+        await settle(message.reject(requeue=how == "requeue"), event)
 
 
 # Why an email could not be claimed for sending (`saturated`: its relay, shared with another
