@@ -26,7 +26,7 @@ from typing import Any
 import aio_pika
 import pytest
 import structlog
-from sqlalchemy import insert, text
+from sqlalchemy import text
 
 from benchmarks.databases import create_database, drop_database
 from worker import logs
@@ -34,9 +34,8 @@ from worker.app import Worker
 from worker.broker import PARK_DELAYS, Names
 from worker.config import Settings
 from worker.connection import open_first
-from worker.security import Keyring, new_id, new_token
-from worker.store import Store
-from worker.store.tables import owners
+from worker.security import Keyring
+from worker.store import Store, owners
 
 PARKED = ("deliveries", "probes")  # the queues whose jobs wait in delay queues when parked
 SECRET_KEY = "test-secret-key-" + secrets.token_hex(8)
@@ -353,15 +352,9 @@ class Env:
 
     async def new_owner(self, name: str = "acme") -> dict[str, str]:
         """A new owner, written to the store as `smtp-worker owner create` does."""
-        owner_id, token = new_id(), new_token()
         async with self.store.transaction() as conn:
-            await conn.execute(
-                insert(owners).values(
-                    id=owner_id,
-                    name=name,
-                    token_hash=Keyring(SECRET_KEY).hash(token),
-                    created_at=datetime.now(UTC),
-                )
+            owner_id, token = await owners.create(
+                conn, Keyring(SECRET_KEY), name, datetime.now(UTC)
             )
         SECRETS.add(token)
         return {"owner_id": owner_id, "token": token}

@@ -20,7 +20,7 @@ import pytest
 from tests.conftest import Client, Env, delete_topology, make_settings, unique_domain
 from worker import consumer
 from worker.broker import DELIVERY_LIMIT
-from worker.handlers.base import REGISTRY, Context, Spec
+from worker.handlers.base import Context, Spec
 
 Auth = dict[str, str]
 Message = aio_pika.abc.AbstractIncomingMessage
@@ -355,7 +355,9 @@ async def test_an_unexpected_error_is_retried_until_the_delivery_limit_then_dead
         raise RuntimeError("a bug")
 
     monkeypatch.setitem(
-        REGISTRY, "settings.smtp_user.list", Spec("settings.smtp_user.list", "owner", broken)
+        env.workers[0].router.specs,
+        "settings.smtp_user.list",
+        Spec("settings.smtp_user.list", "owner", broken),
     )
     body = command("settings.smtp_user.list", owner, {})
 

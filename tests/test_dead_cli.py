@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import Env, remember_secrets, unique_domain
 from tests.payloads import email_settings
-from worker.handlers.base import REGISTRY, Context
+from worker.handlers.base import Context
 
 # P.dead is the broker's business: one store is enough.
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -292,17 +292,18 @@ async def test_replayed_command_that_now_succeeds_gets_its_reply(env, monkeypatc
     owner = await env.new_owner()
     domain = unique_domain()
     await env.client.ok("settings.email.create", owner, email_settings(domain))
-    spec = REGISTRY["settings.channel.put"]
+    router = env.workers[0].router
+    spec = router["settings.channel.put"]
 
     async def broken(ctx: Context, data: Any) -> Any:
         raise RuntimeError("a bug, fixed before the replay")
 
-    monkeypatch.setitem(REGISTRY, spec.type, dataclasses.replace(spec, handler=broken))
+    monkeypatch.setitem(router.specs, spec.type, dataclasses.replace(spec, handler=broken))
     data = {"name": "ops", "domain": domain, "recipients": ["oncall@example.com"]}
     failed = await env.client.call("settings.channel.put", owner, data, message_id="put-ops")
     assert "GeneralError" == failed["error"]["name"]
     assert 1 == await wait_depth(env, env.client.names.dead, 1)
-    monkeypatch.setitem(REGISTRY, spec.type, spec)
+    monkeypatch.setitem(router.specs, spec.type, spec)
     second_reply = asyncio.get_running_loop().create_future()
     env.client.replies["put-ops"] = second_reply
 

@@ -22,7 +22,7 @@ import pytest
 from tests.conftest import Client, Env
 from tests.smtp_servers import SmtpServer
 from tests.world import configure
-from worker.handlers.base import REGISTRY, Context
+from worker.handlers.base import Context
 
 ADD = "settings.smtp_user.add"
 EDIT = "settings.smtp_user.edit"
@@ -277,7 +277,8 @@ async def test_a_fresh_command_with_a_forged_delivery_count_is_not_its_last_atte
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     owner = await env.new_owner()
-    spec = REGISTRY[ADD]
+    router = env.workers[0].router
+    spec = router[ADD]
     attempts: list[int] = []
 
     async def fails_once(ctx: Context, data: Any) -> Any:
@@ -286,7 +287,7 @@ async def test_a_fresh_command_with_a_forged_delivery_count_is_not_its_last_atte
             raise RuntimeError("a passing fault")
         return await spec.handler(ctx, data)
 
-    monkeypatch.setitem(REGISTRY, ADD, dataclasses.replace(spec, handler=fails_once))
+    monkeypatch.setitem(router.specs, ADD, dataclasses.replace(spec, handler=fails_once))
 
     future = await env.client.publish(add_user_body(owner), ADD, headers=FORGED)
     assert future is not None

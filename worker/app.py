@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
+from schemas import COMMANDS
 from worker.broker import COMMAND_QUEUES, Broker
 from worker.config import Settings
 from worker.consumer import CommandConsumer
+from worker.handlers import Router, make_router
 from worker.health import Readiness
 from worker.http import HttpServer, endpoints
 from worker.metrics import Metrics
@@ -43,10 +46,18 @@ def keyring_for(settings: Settings) -> Keyring:
 
 
 class Worker:
-    def __init__(self, settings: Settings, queues: Iterable[str] = ALL_QUEUES) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        queues: Iterable[str] = ALL_QUEUES,
+        router: Router | None = None,
+    ) -> None:
         unknown = set(queues) - set(ALL_QUEUES)
         if unknown:
             raise ValueError(f"unknown queues: {', '.join(sorted(unknown))}")
+        # One handler for each command of the contract, or the worker does not start.
+        self.router = router or make_router()
+        self.router.check(COMMANDS)
         self.settings = settings
         self.queues = tuple(queues)
         self.store = Store(settings.database_url)
@@ -94,27 +105,29 @@ class Worker:
             await self.http.start()  # first: a port already taken fails before anything else
         await migrate(self.store)
         await self.broker.connect()
-        commands = CommandConsumer(
-            self.settings, self.store, self.broker, self.keyring, metrics=self.metrics
+        consumer = functools.partial(
+            CommandConsumer,
+            self.settings,
+            self.store,
+            self.broker,
+            self.keyring,
+            metrics=self.metrics,
+            router=self.router,
         )
+        commands = consumer()
         for queue in self.queues:
             if queue in COMMAND_QUEUES:
                 tracked = self._tracked(queue, commands)
                 await self.broker.consume(queue, tracked, self.settings.prefetch)
         if any(queue in COMMAND_QUEUES for queue in self.queues):
-            unrouted = CommandConsumer(
-                self.settings,
-                self.store,
-                self.broker,
-                self.keyring,
-                metrics=self.metrics,
-                unrouted=True,
-            )
+            unrouted = consumer(unrouted=True)
             tracked = self._tracked("unrouted", unrouted)
             await self.broker.consume("unrouted", tracked, self.settings.prefetch)
         if "settings" in self.queues:
             # Every worker that takes settings commands can run the probes they queue.
-            probes = ProbeConsumer(self.settings, self.store, self.broker, self.keyring)
+            probes = ProbeConsumer(
+                self.settings, self.store, self.broker, self.keyring, router=self.router
+            )
             tracked = self._tracked("probes", probes)
             await self.broker.consume("probes", tracked, PROBE_PREFETCH)
         if "deliveries" in self.queues:
@@ -123,7 +136,7 @@ class Worker:
         log.info("worker.started", queues=list(self.queues), prefix=self.settings.prefix)
 
     async def _start_deliveries(self) -> None:
-        from worker.mail.delivery import DeliveryConsumer  # noqa: PLC0415
+        from worker.delivery import DeliveryConsumer  # noqa: PLC0415
 
         self.delivery = DeliveryConsumer(
             self.settings, self.store, self.broker, self.keyring, metrics=self.metrics

@@ -29,6 +29,7 @@ from worker.client import (
 from worker.config import Settings
 from worker.dead import DeadLetterError, list_dead, replay_dead
 from worker.errors import BrokerUnavailable
+from worker.handlers import RouterMismatch
 from worker.http import HttpAddressError
 from worker.owners import create_owner
 from worker.store import Store, migrate
@@ -42,7 +43,7 @@ async def _run(settings: Settings, queues: list[str]) -> int:
     try:
         worker = Worker(settings, queues)
         await worker.start()
-    except (HttpAddressError, BrokerUnavailable) as exc:
+    except (HttpAddressError, BrokerUnavailable, RouterMismatch) as exc:
         # BrokerUnavailable: no node answered for 30 s; it names them by host:port only.
         print(f"smtp-worker: {exc}", file=sys.stderr)
         return 1

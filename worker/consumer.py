@@ -43,7 +43,7 @@ from pydantic_core import to_json
 
 from schemas import CommandBody
 from worker import parsing
-from worker.broker import DELIVERY_LIMIT, Broker, settle
+from worker.broker import DELIVERY_LIMIT, Broker
 from worker.config import Settings
 from worker.errors import (
     GENERAL_ERROR_MESSAGE,
@@ -57,17 +57,11 @@ from worker.errors import (
     UnreadableMessage,
     ValidationError,
 )
-from worker.handlers.base import (
-    REGISTRY,
-    Context,
-    Effect,
-    Principal,
-    Spec,
-    authenticate,
-    event_body,
-)
+from worker.events import Effect, command_failed
+from worker.handlers.base import Context, Principal, Router, Spec, authenticate
 from worker.jobs import ProbeJob
 from worker.metrics import Metrics
+from worker.outcomes import Outcome, Settlement, StoreRetry, settle_as
 from worker.parsing import MAX_DETAILS, Envelope
 from worker.security import Keyring
 from worker.store import Store, idempotency
@@ -76,7 +70,7 @@ log = structlog.get_logger("worker.consumer")
 
 # In-process retries while the store is unreachable: about 30 s in all, so a short outage does
 # not burn the message's delivery attempts; past that the message is requeued.
-STORE_BACKOFF = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 10.0)
+STORE_RETRY = StoreRetry((0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 10.0))
 CONCURRENT_WRITE_RETRIES = 5
 MAX_REPLY_BYTES = 16 * 1024 * 1024
 
@@ -116,8 +110,21 @@ class Meta:
 class Result:
     reply: bytes | None  # None: the probe consumer answers (worker.probes)
     effects: list[Effect]
-    outcome: str
+    outcome: Outcome
     status: str = "success"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What becomes of a command message, decided once (the table above) and applied once."""
+
+    outcome: Outcome
+    settle: Settlement
+    type: str | None = None
+    # Published, confirmed, before the ack; a broker that refuses them requeues the message.
+    result: Result | None = None
+    # An error reply sent as far as the broker takes it, before the message goes to P.dead.
+    notice: bytes | None = None
 
 
 class _MessageIdReused(Conflict):
@@ -174,9 +181,11 @@ class CommandConsumer:
         keyring: Keyring,
         metrics: Metrics | None = None,
         *,
+        router: Router,
         unrouted: bool = False,
     ) -> None:
         self.settings = settings
+        self.router = router
         self.store = store
         self.broker = broker
         self.keyring = keyring
@@ -191,18 +200,18 @@ class CommandConsumer:
         structlog.contextvars.bind_contextvars(
             message_id=meta.message_id, correlation_id=meta.correlation_id
         )
-        outcome = "unknown"
+        outcome = Outcome.UNKNOWN
         try:
-            outcome = await self._process(message, meta)
+            outcome = await self._apply(message, meta, await self._decide(message, meta))
         except asyncio.CancelledError:
-            outcome = "cancelled"
+            outcome = Outcome.CANCELLED
             raise
         except Exception:
             # A bug of the consumer's own. Left unsettled, the message would hold a prefetch slot
             # until the channel closes; requeued, it meets the delivery limit and lands in P.dead.
             log.exception("command.crashed")
-            outcome = "crashed"
-            await settle(message.reject(requeue=True), "command.settle_failed")
+            outcome = Outcome.CRASHED
+            await settle_as(message, "requeue", "command.settle_failed")
         finally:
             log.info(
                 "command.processed",
@@ -215,20 +224,37 @@ class CommandConsumer:
             )
             structlog.contextvars.clear_contextvars()
 
-    async def _process(self, message: AbstractIncomingMessage, meta: Meta) -> str:
+    async def _apply(
+        self, message: AbstractIncomingMessage, meta: Meta, verdict: Verdict
+    ) -> Outcome:
+        """Carries out `verdict`: its results published (confirmed), else the message requeued;
+        its notice replied, as far as the broker takes it; then the message settled."""
+        if verdict.result is not None:
+            try:
+                await self._publish(meta, verdict.type, verdict.result)
+            except BrokerUnavailable as exc:
+                # Without its reply the command is not done; the broker will deliver it again (its
+                # channel is most likely gone), and idempotency answers with the stored reply.
+                log.warning("command.publish_failed", cause=repr(exc.__cause__))
+                verdict = Verdict(Outcome.REQUEUED, "requeue")
+        if verdict.notice is not None:
+            await self._reply_quietly(meta, verdict.notice, verdict.type, "error")
+        await settle_as(message, verdict.settle, "command.settle_failed")
+        return verdict.outcome
+
+    async def _decide(self, message: AbstractIncomingMessage, meta: Meta) -> Verdict:
+        """What becomes of the message; the command runs here, nothing is published."""
         try:
             refusal = (
                 None if meta.reply_to is None else await self.broker.reply_to_refusal(meta.reply_to)
             )
         except BrokerUnavailable:
-            await settle(message.reject(requeue=True), "command.settle_failed")
-            return "requeued"
+            return Verdict(Outcome.REQUEUED, "requeue")
         if refusal is not None:
             # Not run, not answered: publishing to that name could crash the broker's channel
             # and with it this worker's connection (see worker.reply_to).
             log.warning("command.reply_to_refused", reason=refusal)
-            await settle(message.reject(requeue=False), "command.settle_failed")
-            return "unreadable"
+            return Verdict(Outcome.UNREADABLE, "dead")
 
         try:
             if meta.message_id is not None and len(meta.message_id) > 128:
@@ -252,13 +278,11 @@ class CommandConsumer:
             type_ = parsing.guess_type(message.body)
             structlog.contextvars.bind_contextvars(type=type_)
             reply = error_reply(type_, meta.message_id, exc.name, exc.message, exc.details)
-            await self._reply_quietly(meta, reply, type_, "error")
-            await settle(message.reject(requeue=False), "command.settle_failed")
-            return "unreadable"
+            return Verdict(Outcome.UNREADABLE, "dead", type=type_, notice=reply)
 
         type_ = parsed.type
         structlog.contextvars.bind_contextvars(type=type_)
-        spec = REGISTRY.get(type_)
+        spec = self.router.get(type_)
         try:
             if spec is None:
                 raise NotImplementedError(f"no handler for {type_}")
@@ -273,29 +297,17 @@ class CommandConsumer:
                 delivery_count=meta.delivery_count,
             )
             if not meta.last_attempt:
-                await settle(message.reject(requeue=True), "command.settle_failed")
-                return "requeued"
+                return Verdict(Outcome.REQUEUED, "requeue")
             reply = error_reply(type_, meta.message_id, "GeneralError", GENERAL_ERROR_MESSAGE)
-            await self._reply_quietly(meta, reply, type_, "error")
-            await settle(message.reject(requeue=False), "command.settle_failed")
-            return "dead-lettered"
+            return Verdict(Outcome.DEAD_LETTERED, "dead", type=type_, notice=reply)
 
         if _returned(message):
             # Its channel closed while the command ran (the broker connection dropped): the broker
             # has put the message back, and the next delivery publishes the recorded results.
             # Publishing them now as well would only send the reply, events and emails twice.
             log.warning("command.returned")
-            return "returned"
-        try:
-            await self._publish(meta, type_, result)
-        except BrokerUnavailable as exc:
-            # Without its reply the command is not done; the broker will deliver it again (its
-            # channel is most likely gone), and idempotency answers with the stored reply.
-            log.warning("command.publish_failed", cause=repr(exc.__cause__))
-            await settle(message.reject(requeue=True), "command.settle_failed")
-            return "requeued"
-        await settle(message.ack(), "command.settle_failed")
-        return result.outcome
+            return Verdict(Outcome.RETURNED, "none")
+        return Verdict(result.outcome, "ack", type=type_, result=result)
 
     async def _reply_quietly(self, meta: Meta, body: bytes, type_: str | None, status: str) -> None:
         if meta.reply_to is None:
@@ -307,7 +319,7 @@ class CommandConsumer:
         except BrokerUnavailable:
             log.warning("command.reply_failed")
 
-    async def _publish(self, meta: Meta, type_: str, result: Result) -> None:
+    async def _publish(self, meta: Meta, type_: str | None, result: Result) -> None:
         jobs = []
         for effect in result.effects:
             if effect.kind == "event":
@@ -337,25 +349,26 @@ class CommandConsumer:
         self, spec: Spec, parsed: CommandBody | Envelope, body: bytes, meta: Meta
     ) -> Result:
         conflicts = 0
-        backoff = iter(STORE_BACKOFF)
         maybe_done = meta.redelivered
-        while True:
-            try:
-                return await self._execute_once(spec, parsed, body, meta, maybe_done)
-            except ConcurrentWrite:
-                conflicts += 1
-                if conflicts > CONCURRENT_WRITE_RETRIES:
-                    raise
-            except StoreUnavailable as exc:
-                # A commit the store may have done without saying so: the next attempt may find
-                # this message's own record, its effects unpublished. After any other outage, a
-                # record found is a concurrent duplicate's, which publishes them itself.
-                maybe_done = maybe_done or isinstance(exc, CommitUnknown)
-                delay = next(backoff, None)
-                if delay is None:
-                    raise
-                log.warning("store.unavailable", retry_in=delay)
-                await asyncio.sleep(delay)
+
+        async def attempt() -> Result:
+            nonlocal conflicts
+            while True:
+                try:
+                    return await self._execute_once(spec, parsed, body, meta, maybe_done)
+                except ConcurrentWrite:
+                    conflicts += 1
+                    if conflicts > CONCURRENT_WRITE_RETRIES:
+                        raise
+
+        def unavailable(exc: StoreUnavailable) -> None:
+            # A commit the store may have done without saying so: the next attempt may find
+            # this message's own record, its effects unpublished. After any other outage, a
+            # record found is a concurrent duplicate's, which publishes them itself.
+            nonlocal maybe_done
+            maybe_done = maybe_done or isinstance(exc, CommitUnknown)
+
+        return await STORE_RETRY.run(attempt, on_unavailable=unavailable)
 
     async def _execute_once(
         self,
@@ -387,7 +400,7 @@ class CommandConsumer:
                         # a commit never confirmed: publish everything again. A fresh repeat
                         # gets its reply only.
                         effects = found.effects if maybe_done else []
-                        return Result(reply, effects, "duplicate", found.status)
+                        return Result(reply, effects, Outcome.DUPLICATE, found.status)
                 # Only now, its sender known, is the data of an envelope read in full.
                 command = parsing.complete(body, parsed) if isinstance(parsed, Envelope) else parsed
                 ctx = Context(conn, principal, now, self.keyring, self.settings)
@@ -398,7 +411,7 @@ class CommandConsumer:
                         conn, principal, meta, spec, "success", reply, ctx.effects, now
                     )
                     await ctx.finish()
-                    return Result(reply, ctx.effects, "success")
+                    return Result(reply, ctx.effects, Outcome.SUCCESS)
             # A probe waits on a relay for up to its timeout: the probe consumer runs it, and
             # answers and records it, without holding this consumer's slot (contract 5).
             job = ProbeJob(
@@ -410,7 +423,7 @@ class CommandConsumer:
                 reply_to=meta.reply_to,
                 correlation_id=meta.correlation_id,
             )
-            return Result(None, [Effect("probe", "", job.dump())], "queued")
+            return Result(None, [Effect("probe", "", job.dump())], Outcome.QUEUED)
         except CommandError as exc:
             return await self._refused(spec, principal, meta, exc, now)
 
@@ -449,18 +462,12 @@ class CommandConsumer:
         details = _bounded(exc.details)
         reply = error_reply(spec.type, meta.message_id, exc.name, exc.message, details)
         owner_id = principal.owner_id if principal else None
-        failed = {
-            "type": spec.type,
-            "command_id": meta.message_id,
-            "error": {"name": exc.name, "message": exc.message, "details": details},
-        }
-        effects = [
-            Effect("event", "command.failed", event_body("command.failed", owner_id, now, failed))
-        ]
+        error = {"name": exc.name, "message": exc.message, "details": details}
+        effects = [command_failed(spec.type, meta.message_id, owner_id, now, error)]
         if principal is not None and not isinstance(exc, _NOT_REMEMBERED):
             async with self.store.transaction() as conn:
                 await self._record(conn, principal, meta, spec, "error", reply, effects, now)
-        return Result(reply, effects, "refused", "error")
+        return Result(reply, effects, Outcome.REFUSED, "error")
 
 
 def _returned(message: AbstractIncomingMessage) -> bool:

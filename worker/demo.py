@@ -32,7 +32,6 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 from aiosmtpd.smtp import SMTP, Envelope, Session
-from sqlalchemy.engine import make_url
 
 from worker.app import Worker, keyring_for
 from worker.broker import Names
@@ -40,7 +39,7 @@ from worker.config import Settings
 from worker.connection import NoNodeAnswered, open_first
 from worker.http import HttpAddressError
 from worker.owners import create_owner
-from worker.store import Store
+from worker.store import Store, display_url
 
 RECIPIENT = "oncall@example.com"
 _LOOPBACK = ipaddress.ip_network("127.0.0.1/32")
@@ -173,15 +172,11 @@ def _where_to_look(
         say(f"  the emails:   {options.relay_ui} (three, threaded under {sid}@{domain})")
     else:
         say(f"  the emails:   in the mailbox behind {relay[0]}:{relay[1]}")
-    say(f"  the ticket:   row {sid} of the tickets table ({_redacted(settings.database_url)})")
+    say(f"  the ticket:   row {sid} of the tickets table ({display_url(settings.database_url)})")
     queues = ", ".join(names.queue(short) for short in ("tickets", "hits", "deliveries", "dead"))
     say(f"  the broker:   queues {queues} (RabbitMQ's management UI, port 15672)")
     if http is not None:
         say(f"  the worker:   http://{http}/metrics and /readyz (SMTP_WORKER_HTTP)")
-
-
-def _redacted(url: str) -> str:
-    return make_url(url).render_as_string(hide_password=True)
 
 
 def say(text: str) -> None:

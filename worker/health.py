@@ -13,11 +13,10 @@ import asyncio
 import time
 
 import structlog
-from sqlalchemy import text
 
 from worker.broker import Broker
 from worker.errors import StoreUnavailable
-from worker.store import Store
+from worker.store import Store, ping
 
 log = structlog.get_logger("worker.health")
 
@@ -63,7 +62,7 @@ class Readiness:
     async def _ask_store(self) -> bool:
         try:
             async with asyncio.timeout(STORE_TIMEOUT), self.store.transaction() as conn:
-                await conn.execute(text("SELECT 1"))
+                await ping(conn)
         except (StoreUnavailable, TimeoutError):
             return False
         except Exception:  # a probe answers "down", whatever the store raised

@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 
 from schemas import COMMANDS
+from worker.outcomes import Outcome
 
 log = structlog.get_logger("worker.metrics")
 
@@ -33,18 +34,17 @@ COMMAND_OUTCOMES = ("success", "refused", "unreadable", "duplicate", "requeued",
 EMAIL_OUTCOMES = ("sent", "failed", "retried")
 # The consumers' words for a message's fate, as their log lines spell them, to the contract's.
 # A message handed back to the broker in any way (requeued, its channel gone, a bug, shutdown)
-# is "requeued": the broker delivers it again.
-_COMMAND_OUTCOME = {
-    "success": "success",
-    "refused": "refused",
-    "unreadable": "unreadable",
-    "duplicate": "duplicate",
-    "requeued": "requeued",
-    "returned": "requeued",
-    "crashed": "requeued",
-    "cancelled": "requeued",
-    "dead-lettered": "dead_lettered",
-    "dead_lettered": "dead_lettered",
+# is "requeued": the broker delivers it again. Any other outcome counts as "requeued" too.
+_COMMAND_OUTCOME: dict[str, str] = {
+    Outcome.SUCCESS: "success",
+    Outcome.REFUSED: "refused",
+    Outcome.UNREADABLE: "unreadable",
+    Outcome.DUPLICATE: "duplicate",
+    Outcome.REQUEUED: "requeued",
+    Outcome.RETURNED: "requeued",
+    Outcome.CRASHED: "requeued",
+    Outcome.CANCELLED: "requeued",
+    Outcome.DEAD_LETTERED: "dead_lettered",
 }
 # An email waits out RETRY_DELAYS (up to 30 minutes by default) before its last attempt.
 _EMAIL_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
@@ -105,7 +105,7 @@ class Metrics:
 
     # --- fed by the consumers -------------------------------------------------------------------
 
-    def command_processed(self, type_: str | None, outcome: str, seconds: float) -> None:
+    def command_processed(self, type_: str | None, outcome: Outcome, seconds: float) -> None:
         label = command_label(type_)
         self.commands.labels(label, _COMMAND_OUTCOME.get(outcome, "requeued")).inc()
         self.command_duration.labels(label).observe(seconds)

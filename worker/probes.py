@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -49,9 +48,11 @@ from worker.errors import (
     ConcurrentWrite,
     StoreUnavailable,
 )
+from worker.events import Effect, command_failed
 from worker.gate import Gate, Park
-from worker.handlers.base import REGISTRY, Context, Effect, Principal, Spec, event_body
+from worker.handlers.base import Context, Principal, Router, Spec
 from worker.jobs import ProbeJob
+from worker.outcomes import Outcome, StoreRetry
 from worker.security import Keyring
 from worker.store import Store, idempotency
 
@@ -61,7 +62,7 @@ PROBES_PER_OWNER = 4
 PROBES_WAITING = 4  # per owner, each holding a prefetch slot; more are parked
 # Jobs held at once: running (at most 4 per owner), waiting (4 per owner) and being parked.
 PROBE_PREFETCH = 256
-STORE_BACKOFF = (0.1, 0.5, 1.0, 2.0, 4.0, 8.0)
+STORE_RETRY = StoreRetry((0.1, 0.5, 1.0, 2.0, 4.0, 8.0))
 
 _T = TypeVar("_T")
 
@@ -75,8 +76,11 @@ class _Answer:
 
 
 class ProbeConsumer:
-    def __init__(self, settings: Settings, store: Store, broker: Broker, keyring: Keyring) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, broker: Broker, keyring: Keyring, *, router: Router
+    ) -> None:
         self.settings = settings
+        self.router = router
         self.store = store
         self.broker = broker
         self.keyring = keyring
@@ -86,7 +90,7 @@ class ProbeConsumer:
         started = time.perf_counter()
         try:
             job = ProbeJob.load(message.body)
-            spec = REGISTRY.get(job.type)
+            spec = self.router.get(job.type)
             if spec is None or spec.finish is None:
                 raise ValueError(f"{job.type} is not a probe")
         except (pydantic.ValidationError, ValueError):
@@ -96,15 +100,15 @@ class ProbeConsumer:
         structlog.contextvars.bind_contextvars(
             type=job.type, message_id=job.message_id, correlation_id=job.correlation_id
         )
-        outcome = "unknown"
+        outcome = Outcome.UNKNOWN
         try:
             outcome = await self._process(message, job, spec)
         except asyncio.CancelledError:
-            outcome = "cancelled"
+            outcome = Outcome.CANCELLED
             raise
         except Exception:
             log.exception("probe.crashed")
-            outcome = "crashed"
+            outcome = Outcome.CRASHED
             await settle(message.reject(requeue=True), "probe.settle_failed")
         finally:
             log.info(
@@ -114,7 +118,9 @@ class ProbeConsumer:
             )
             structlog.contextvars.clear_contextvars()
 
-    async def _process(self, message: AbstractIncomingMessage, job: ProbeJob, spec: Spec) -> str:
+    async def _process(
+        self, message: AbstractIncomingMessage, job: ProbeJob, spec: Spec
+    ) -> Outcome:
         turn = await self.gate.enter([(job.owner_id, PROBES_PER_OWNER)])
         if isinstance(turn, Park):
             return await self._park(message, job, turn.delay)
@@ -133,16 +139,16 @@ class ProbeConsumer:
                 )
                 if not meta.last_attempt:
                     await settle(message.reject(requeue=True), "probe.settle_failed")
-                    return "requeued"
+                    return Outcome.REQUEUED
                 reply = error_reply(job.type, job.message_id, "GeneralError", GENERAL_ERROR_MESSAGE)
                 await self._reply_quietly(job, reply, "error")
                 await settle(message.reject(requeue=False), "probe.settle_failed")
-                return "dead-lettered"
+                return Outcome.DEAD_LETTERED
         if _returned(message):
             # Its channel closed meanwhile: the job is back in the queue, and its next run
             # answers (from the record, when the command has a message_id).
             log.warning("probe.returned")
-            return "returned"
+            return Outcome.RETURNED
         # A fresh duplicate's effects were published by the job that recorded them; a
         # redelivered job may have recorded them itself and died before publishing.
         effects = answer.effects if not answer.recorded or meta.redelivered else []
@@ -151,19 +157,19 @@ class ProbeConsumer:
         except BrokerUnavailable as exc:
             log.warning("probe.publish_failed", cause=repr(exc.__cause__))
             await settle(message.reject(requeue=True), "probe.settle_failed")
-            return "requeued"
+            return Outcome.REQUEUED
         await settle(message.ack(), "probe.settle_failed")
-        return "duplicate" if answer.recorded else "answered"
+        return Outcome.DUPLICATE if answer.recorded else Outcome.ANSWERED
 
-    async def _park(self, message: AbstractIncomingMessage, job: ProbeJob, delay: float) -> str:
+    async def _park(self, message: AbstractIncomingMessage, job: ProbeJob, delay: float) -> Outcome:
         """Its owner has every turn taken and enough waiting: back in the queue, for later."""
         try:
             await self.broker.publish_probe(job.parked_again().dump(), delay=delay)
         except BrokerUnavailable:
             await settle(message.reject(requeue=True), "probe.settle_failed")
-            return "requeued"
+            return Outcome.REQUEUED
         await settle(message.ack(), "probe.settle_failed")
-        return "parked"
+        return Outcome.PARKED
 
     # --- the answer -----------------------------------------------------------------------------
 
@@ -171,17 +177,17 @@ class ProbeConsumer:
         assert spec.finish is not None
         principal = Principal(job.owner_id, job.user)
         now = datetime.now(UTC)
-        recorded = await self._with_store(self._recorded, job, now)
+        recorded = await STORE_RETRY.run(self._recorded, job, now)
         if recorded is not None:
             return recorded
         data = COMMANDS[job.type][1].model_validate(job.data)
         try:
-            prepared = await self._with_store(self._prepare, spec, principal, data, now)
+            prepared = await STORE_RETRY.run(self._prepare, spec, principal, data, now)
         except CommandError as exc:
             return await self._refused(job, exc, now)
         result = await spec.finish(prepared)
         reply = success_reply(job.type, job.message_id, result)
-        return await self._with_store(self._record, job, _Answer(reply, "success", []))
+        return await STORE_RETRY.run(self._record, job, _Answer(reply, "success", []))
 
     async def _prepare(self, spec: Spec, principal: Principal, data: Any, now: datetime) -> Any:
         """The handler once more, as the command's sender: the settings as they are now."""
@@ -192,14 +198,10 @@ class ProbeConsumer:
 
     async def _refused(self, job: ProbeJob, exc: CommandError, now: datetime) -> _Answer:
         reply = error_reply(job.type, job.message_id, exc.name, exc.message, exc.details)
-        failed = {
-            "type": job.type,
-            "command_id": job.message_id,
-            "error": {"name": exc.name, "message": exc.message, "details": exc.details},
-        }
-        event = event_body("command.failed", job.owner_id, now, failed)
-        answer = _Answer(reply, "error", [Effect("event", "command.failed", event)])
-        return await self._with_store(self._record, job, answer)
+        error = {"name": exc.name, "message": exc.message, "details": exc.details}
+        event = command_failed(job.type, job.message_id, job.owner_id, now, error)
+        answer = _Answer(reply, "error", [event])
+        return await STORE_RETRY.run(self._record, job, answer)
 
     async def _recorded(self, job: ProbeJob, now: datetime) -> _Answer | None:
         if job.message_id is None:
@@ -237,18 +239,6 @@ class ProbeConsumer:
                 raise
             return first
         return answer
-
-    async def _with_store(self, operation: Callable[..., Awaitable[_T]], *args: Any) -> _T:
-        """Runs a store step, waiting out a short outage before giving the job back."""
-        for delay in (*STORE_BACKOFF, None):
-            try:
-                return await operation(*args)
-            except StoreUnavailable:
-                if delay is None:
-                    raise
-                log.warning("store.unavailable", retry_in=delay)
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
 
     # --- publishing -----------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import aio_pika
 import pytest
-from sqlalchemy import insert, text
+from sqlalchemy import text
 
 from tests.conftest import (
     LOG_LINES,
@@ -53,9 +53,8 @@ from tests.smtp_servers import SmtpServer
 from worker.broker import Names
 from worker.config import Settings
 from worker.connection import connect_first
-from worker.security import Keyring, new_id, new_token
-from worker.store import Store, migrate
-from worker.store.tables import owners
+from worker.security import Keyring
+from worker.store import Store, migrate, owners
 
 FIGURES: list[str] = []
 CLI = Path(sys.executable).with_name("smtp-worker")
@@ -373,15 +372,9 @@ class Rig:
 
     async def new_owner(self) -> dict[str, str]:
         """A new owner, written to the store as `smtp-worker owner create` does."""
-        owner_id, token = new_id(), new_token()
         async with self.store.transaction() as conn:
-            await conn.execute(
-                insert(owners).values(
-                    id=owner_id,
-                    name="faults",
-                    token_hash=Keyring(SECRET_KEY).hash(token),
-                    created_at=datetime.now(UTC),
-                )
+            owner_id, token = await owners.create(
+                conn, Keyring(SECRET_KEY), "faults", datetime.now(UTC)
             )
         SECRETS.add(token)
         return {"owner_id": owner_id, "token": token}

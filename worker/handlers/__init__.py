@@ -1,6 +1,12 @@
-"""Business rules per command family. Importing this package registers every handler."""
+"""Business rules per command family; `make_router` joins their handlers for the consumers."""
 
-from worker.handlers import settings, tickets  # noqa: F401 - registers their commands
-from worker.handlers.base import REGISTRY, Context, Spec
+from worker.handlers import settings, tickets
+from worker.handlers.base import Context, Router, RouterMismatch, Spec
 
-__all__ = ["REGISTRY", "Context", "Spec"]
+
+def make_router() -> Router:
+    """Every command's handler."""
+    return Router(settings.router, tickets.router)
+
+
+__all__ = ["Context", "Router", "RouterMismatch", "Spec", "make_router"]

@@ -1,4 +1,4 @@
-"""What every handler gets (a Context) and how commands find their handler (the registry).
+"""What every handler gets (a Context) and how commands find their handler (a Router).
 
 Handlers take a Context and validated data, and return a pydantic model: the reply's `data`.
 They raise CommandError subclasses to refuse. They never see AMQP or raw JSON; what they want
@@ -8,23 +8,21 @@ once the transaction has committed.
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
-from pydantic_core import to_json
-from sqlalchemy import bindparam, select
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schemas.envelope import OwnerAuth, UserAuth
 from worker.config import Settings
 from worker.errors import AuthenticationError, Forbidden
+from worker.events import Effect, event
 from worker.jobs import DeliveryJob
 from worker.security import Keyring
-from worker.store.tables import owners, smtp_users
+from worker.store import Connection, owners, users
 
 AuthKind = Literal["owner", "user"]
 
@@ -37,34 +35,9 @@ class Principal:
     user: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Effect:
-    """Something to publish after commit: an event, an email job for the delivery queue, or a
-    probe job for the probe queue."""
-
-    kind: Literal["event", "delivery", "probe"]
-    routing_key: str
-    body: bytes
-
-    def dump(self) -> dict[str, str]:
-        return {"kind": self.kind, "routing_key": self.routing_key, "body": self.body.decode()}
-
-    @classmethod
-    def load(cls, raw: dict[str, str]) -> Effect:
-        kind: Any = raw["kind"]
-        return cls(kind, raw["routing_key"], raw["body"].encode())
-
-
-def event_body(type_: str, owner_id: str | None, now: datetime, data: Any) -> bytes:
-    return to_json(
-        {"type": type_, "id": uuid.uuid4().hex, "time": now, "owner_id": owner_id, "data": data},
-        by_alias=True,
-    )
-
-
 @dataclass(slots=True)
 class Context:
-    conn: AsyncConnection
+    conn: Connection
     principal: Principal
     now: datetime
     keyring: Keyring
@@ -79,9 +52,7 @@ class Context:
         return self.principal.owner_id
 
     def emit(self, type_: str, data: Any) -> None:
-        self.effects.append(
-            Effect("event", type_, event_body(type_, self.owner_id, self.now, data))
-        )
+        self.effects.append(event(type_, self.owner_id, self.now, data))
 
     def deliver(self, email_id: str, domain: str) -> None:
         job = DeliveryJob(email_id=email_id, owner_id=self.owner_id, domain=domain)
@@ -98,6 +69,7 @@ class Context:
 M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[Context, Any], Awaitable[BaseModel]]
 Finish = Callable[[Any], Awaitable[BaseModel]]
+_H = TypeVar("_H", bound=Callable[[Context, Any], Awaitable[Any]])
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,50 +86,97 @@ class Spec:
     secret: bool = False
 
 
-REGISTRY: dict[str, Spec] = {}
+class RouterMismatch(ValueError):
+    """The handlers are not those of the contract's commands: the worker must not start."""
 
 
-def command(
-    type_: str, auth: AuthKind, *, finish: Finish | None = None, secret: bool = False
-) -> Callable[[Callable[[Context, Any], Awaitable[Any]]], Callable[[Context, Any], Awaitable[Any]]]:
-    def register(
-        handler: Callable[[Context, Any], Awaitable[Any]],
-    ) -> Callable[[Context, Any], Awaitable[Any]]:
-        if type_ in REGISTRY:
-            raise RuntimeError(f"two handlers for {type_}")
-        REGISTRY[type_] = Spec(type_, auth, handler, finish, secret)
-        return handler
+class Router:
+    """The handler of each command type. Each family of handlers has its own, filled by its
+    `command` decorators; the worker is given one Router that joins them."""
 
-    return register
+    def __init__(self, *routers: Router) -> None:
+        self.specs: dict[str, Spec] = {}
+        for router in routers:
+            for spec in router.specs.values():
+                self.add(spec)
+
+    def add(self, spec: Spec) -> None:
+        if spec.type in self.specs:
+            raise RouterMismatch(f"two handlers for {spec.type}")
+        self.specs[spec.type] = spec
+
+    def command(
+        self, type_: str, auth: AuthKind, *, finish: Finish | None = None, secret: bool = False
+    ) -> Callable[[_H], _H]:
+        def register(handler: _H) -> _H:
+            self.add(Spec(type_, auth, handler, finish, secret))
+            return handler
+
+        return register
+
+    def get(self, type_: str) -> Spec | None:
+        return self.specs.get(type_)
+
+    def __getitem__(self, type_: str) -> Spec:
+        return self.specs[type_]
+
+    def check(self, types: Iterable[str]) -> None:
+        """RouterMismatch unless there is exactly one handler for each of `types`."""
+        wanted = set(types)
+        missing, extra = sorted(wanted - set(self.specs)), sorted(set(self.specs) - wanted)
+        if missing or extra:
+            raise RouterMismatch(
+                "the handlers do not match the contract's commands:"
+                + (f" no handler for {', '.join(missing)};" if missing else "")
+                + (f" handlers for unknown commands {', '.join(extra)};" if extra else "")
+            )
 
 
-_USER_LOGIN = select(smtp_users.c.owner_id, smtp_users.c.password_hash, smtp_users.c.status).where(
-    smtp_users.c.name == bindparam("name")
-)
-# An owner's token never changes (there is no command to rotate it), so its hash is read once.
+class _Recent:
+    """The values of the `size` keys used last: the least recently used goes first."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._values: OrderedDict[str, str] = OrderedDict()
+
+    def get(self, key: str) -> str | None:
+        value = self._values.get(key)
+        if value is not None:
+            self._values.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: str) -> None:
+        self._values[key] = value
+        self._values.move_to_end(key)
+        if len(self._values) > self.size:
+            self._values.popitem(last=False)
+
+
+# An owner's token never changes (there is no command to rotate it), so its hash is read once,
+# and kept while the owner is among the last OWNERS_CACHED to send a command: a worker's memory
+# does not grow with the number of owners in the store.
 # SMTP user passwords are not cached: a reset must stop the old password at once, everywhere.
-_OWNER_TOKEN_HASHES: dict[str, str] = {}
+OWNERS_CACHED = 10_000
+_OWNER_TOKEN_HASHES = _Recent(OWNERS_CACHED)
 
 
 async def authenticate(
-    conn: AsyncConnection, keyring: Keyring, kind: AuthKind, auth: OwnerAuth | UserAuth
+    conn: Connection, keyring: Keyring, kind: AuthKind, auth: OwnerAuth | UserAuth
 ) -> Principal:
     """The principal behind `auth`, or AuthenticationError with one message for every cause."""
     if kind == "owner":
         assert isinstance(auth, OwnerAuth)
         token_hash = _OWNER_TOKEN_HASHES.get(auth.owner_id)
         if token_hash is None:
-            token_hash = await conn.scalar(
-                select(owners.c.token_hash).where(owners.c.id == auth.owner_id)
-            )
+            token_hash = await owners.token_hash(conn, auth.owner_id)
             if token_hash is not None:
-                _OWNER_TOKEN_HASHES[auth.owner_id] = token_hash
+                _OWNER_TOKEN_HASHES.put(auth.owner_id, token_hash)
         # Hash even when the owner is missing, so both cases cost the same.
         if not keyring.verify(auth.token, token_hash or "") or token_hash is None:
             raise AuthenticationError()
         return Principal(auth.owner_id)
     assert isinstance(auth, UserAuth)
-    user = (await conn.execute(_USER_LOGIN, {"name": auth.login})).first()
+    user = await users.login(conn, auth.login)
     if not keyring.verify(auth.password, user.password_hash if user else "") or user is None:
         raise AuthenticationError()
     if user.status != "Enable":

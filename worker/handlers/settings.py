@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable
-from email.utils import parseaddr
-from typing import Any, Literal
-
-from sqlalchemy import delete, insert, select, update
-from sqlalchemy.engine import Row
+from typing import Any
 
 from schemas import settings as s
 from schemas._types import distinct_addresses
 from worker.errors import Conflict, NotFound, ValidationError
-from worker.handlers.base import Context, command
-from worker.mail.policy import Network, is_allowed, literal_address
-from worker.mail.relay import Relay, probe
+from worker.handlers.base import Context, Router
+from worker.mail.policy import is_allowed, literal_address
+from worker.mail.relay import Relay, probe, relay_of
 from worker.security import new_id, new_token
-from worker.store.tables import channels, email_settings, smtp_users
+from worker.store import Row, channels, users
+from worker.store import settings as email_settings
+from worker.store.settings import Lock
 
-Lock = Literal["share", "update"] | None
+router = Router()
 
 # --- email settings -----------------------------------------------------------------------------
 
@@ -65,12 +62,7 @@ def _stored_options(options: s.SmtpOptions) -> dict[str, Any]:
 async def _own_settings(ctx: Context, domain: str, lock: Lock = None) -> Row[Any]:
     """The owner's settings of `domain`; `lock` takes its row lock (PostgreSQL; SQLite has one
     writer at a time anyway) until the transaction ends."""
-    query = select(email_settings).where(
-        email_settings.c.domain == domain, email_settings.c.owner_id == ctx.owner_id
-    )
-    if lock is not None:
-        query = query.with_for_update(read=lock == "share")
-    row = (await ctx.conn.execute(query)).first()
+    row = await email_settings.own(ctx.conn, ctx.owner_id, domain, lock)
     if row is None:
         raise NotFound("email settings", [domain])
     return row
@@ -94,13 +86,10 @@ def _check_host(ctx: Context, host: str) -> None:
         )
 
 
-@command("settings.email.create", "owner")
+@router.command("settings.email.create", "owner")
 async def create_email_settings(ctx: Context, data: s.EmailSettingsCreate) -> s.EmailSettings:
     _check_host(ctx, data.options.host)
-    taken = await ctx.conn.scalar(
-        select(email_settings.c.id).where(email_settings.c.domain == data.domain)
-    )
-    if taken is not None:
+    if await email_settings.domain_taken(ctx.conn, data.domain):
         raise Conflict(f"the domain {data.domain} is already configured")
     auth = data.options.auth
     values = {
@@ -115,13 +104,13 @@ async def create_email_settings(ctx: Context, data: s.EmailSettingsCreate) -> s.
         "created_at": ctx.now,
         "updated_at": ctx.now,
     }
-    await ctx.conn.execute(insert(email_settings).values(**values))
+    await email_settings.add(ctx.conn, values)
     out = _settings_out(Written(values))
     ctx.emit("email_settings.created", out)
     return out
 
 
-@command("settings.email.get", "owner")
+@router.command("settings.email.get", "owner")
 async def get_email_settings(ctx: Context, data: s.DomainRef) -> s.EmailSettings:
     return _settings_out(await _own_settings(ctx, data.domain))
 
@@ -164,7 +153,7 @@ def _merge_options(
     return options, pass_enc
 
 
-@command("settings.email.update", "owner")
+@router.command("settings.email.update", "owner")
 async def update_email_settings(ctx: Context, data: s.EmailSettingsUpdate) -> s.EmailSettings:
     row = await _own_settings(ctx, data.domain)
     given = data.model_fields_set
@@ -186,30 +175,22 @@ async def update_email_settings(ctx: Context, data: s.EmailSettingsUpdate) -> s.
             if value is None and field != "description":
                 raise _null(field.rstrip("_"))
             values[column] = value
-    await ctx.conn.execute(
-        update(email_settings).where(email_settings.c.id == row.id).values(**values)
-    )
+    await email_settings.change(ctx.conn, row.id, values)
     out = _settings_out(Written({**row._asdict(), **values}))
     ctx.emit("email_settings.updated", out)
     return out
 
 
-@command("settings.email.delete", "owner")
+@router.command("settings.email.delete", "owner")
 async def delete_email_settings(ctx: Context, data: s.DomainRef) -> s.Removed:
     # Locked before the channels are read: a concurrent settings.channel.put of this domain
     # (which holds the lock shared) either commits first and is seen below, or waits and then
     # finds the settings gone.
     row = await _own_settings(ctx, data.domain, lock="update")
-    names = sorted(
-        await ctx.conn.scalars(
-            select(channels.c.name).where(
-                channels.c.owner_id == ctx.owner_id, channels.c.domain == row.domain
-            )
-        )
-    )
+    names = await channels.names_on_domain(ctx.conn, ctx.owner_id, row.domain)
     if names:
         raise Conflict(f"channels still use the domain {row.domain}", {"channels": names})
-    await ctx.conn.execute(delete(email_settings).where(email_settings.c.id == row.id))
+    await email_settings.remove(ctx.conn, row.id)
     ctx.emit("email_settings.deleted", {"domain": data.domain})
     return s.Removed()
 
@@ -219,29 +200,11 @@ async def _probe(relay: Relay) -> s.EmailTestResult:
     return s.EmailTestResult(ok=result.ok, stage=result.stage, message=result.message)
 
 
-@command("settings.email.test", "owner", finish=_probe)
+@router.command("settings.email.test", "owner", finish=_probe)
 async def test_email_settings(ctx: Context, data: s.DomainRef) -> Relay:
     row = await _own_settings(ctx, data.domain)
     password = ctx.keyring.decrypt(row.auth_pass_enc) if row.auth_pass_enc else None
     return relay_of(row, password, ctx.settings.relay_allow)
-
-
-def relay_of(row: Row[Any], password: str | None, allow: Iterable[Network] = ()) -> Relay:
-    """The relay of a row of email settings; `allow` is SMTP_WORKER_RELAY_ALLOW."""
-    options = row.options
-    return Relay(
-        host=options["host"],
-        port=options["port"],
-        secure=options["secure"],
-        starttls=options["starttls"],
-        reject_unauthorized=options["rejectUnauthorized"],
-        username=options.get("auth_user"),
-        password=password,
-        # Settings stored before the contract bounded the timeout may hold more.
-        timeout=min(max(float(options["timeout"]), s.TIMEOUT_MIN), s.TIMEOUT_MAX),
-        allow=tuple(allow),
-        sender=parseaddr(row.sender)[1] or row.sender,
-    )
 
 
 class Written:
@@ -271,34 +234,29 @@ def _user_out(row: Any, hour: int) -> s.SmtpUser:
 
 
 async def _own_user(ctx: Context, name: str) -> Row[Any]:
-    row = (
-        await ctx.conn.execute(
-            select(smtp_users).where(
-                smtp_users.c.name == name, smtp_users.c.owner_id == ctx.owner_id
-            )
-        )
-    ).first()
+    row = await users.own(ctx.conn, ctx.owner_id, name)
     if row is None:
         raise NotFound("SMTP user", [name])
     return row
 
 
-@command("settings.smtp_user.add", "owner", secret=True)
+@router.command("settings.smtp_user.add", "owner", secret=True)
 async def add_smtp_user(ctx: Context, data: s.SmtpUserAdd) -> s.SmtpUserCreated:
     name, password = f"smtp_{secrets.token_hex(8)}", new_token()
-    await ctx.conn.execute(
-        insert(smtp_users).values(
-            name=name,
-            owner_id=ctx.owner_id,
-            password_hash=ctx.keyring.hash(password),
-            status="Enable",
-            total_limit=data.total_limit,
-            hourly_limit=data.hourly_limit,
-            total_sent=0,
-            hourly_sent=0,
-            sent_hour=0,
-            created_at=ctx.now,
-        )
+    await users.add(
+        ctx.conn,
+        {
+            "name": name,
+            "owner_id": ctx.owner_id,
+            "password_hash": ctx.keyring.hash(password),
+            "status": "Enable",
+            "total_limit": data.total_limit,
+            "hourly_limit": data.hourly_limit,
+            "total_sent": 0,
+            "hourly_sent": 0,
+            "sent_hour": 0,
+            "created_at": ctx.now,
+        },
     )
     out = s.SmtpUserCreated(
         smtp_user_name=name,
@@ -311,7 +269,7 @@ async def add_smtp_user(ctx: Context, data: s.SmtpUserAdd) -> s.SmtpUserCreated:
     return out
 
 
-@command("settings.smtp_user.edit", "owner")
+@router.command("settings.smtp_user.edit", "owner")
 async def edit_smtp_user(ctx: Context, data: s.SmtpUserEdit) -> s.SmtpUser:
     row = await _own_user(ctx, data.smtp_user_name)
     values = {
@@ -320,42 +278,32 @@ async def edit_smtp_user(ctx: Context, data: s.SmtpUserEdit) -> s.SmtpUser:
         if (value := getattr(data, key)) is not None
     }
     if values:
-        await ctx.conn.execute(
-            update(smtp_users).where(smtp_users.c.name == row.name).values(**values)
-        )
+        await users.change(ctx.conn, row.name, values)
     out = _user_out(Written({**row._asdict(), **values}), current_hour(ctx))
     ctx.emit("smtp_user.updated", out)
     return out
 
 
-@command("settings.smtp_user.reset_password", "owner", secret=True)
+@router.command("settings.smtp_user.reset_password", "owner", secret=True)
 async def reset_smtp_password(ctx: Context, data: s.SmtpUserRef) -> s.SmtpUserPassword:
     row = await _own_user(ctx, data.smtp_user_name)
     password = new_token()
-    await ctx.conn.execute(
-        update(smtp_users)
-        .where(smtp_users.c.name == row.name)
-        .values(password_hash=ctx.keyring.hash(password))
-    )
+    await users.change(ctx.conn, row.name, {"password_hash": ctx.keyring.hash(password)})
     ctx.emit("smtp_user.password_reset", {"smtp_user_name": row.name})
     return s.SmtpUserPassword(smtp_user_name=row.name, smtp_password=password)
 
 
-@command("settings.smtp_user.list", "owner")
+@router.command("settings.smtp_user.list", "owner")
 async def list_smtp_users(ctx: Context, data: s.Empty) -> s.SmtpUserList:
-    rows = await ctx.conn.execute(
-        select(smtp_users)
-        .where(smtp_users.c.owner_id == ctx.owner_id)
-        .order_by(smtp_users.c.created_at, smtp_users.c.name)
-    )
+    rows = await users.of_owner(ctx.conn, ctx.owner_id)
     hour = current_hour(ctx)
     return s.SmtpUserList(smtp_list=[_user_out(row, hour) for row in rows])
 
 
-@command("settings.smtp_user.delete", "owner")
+@router.command("settings.smtp_user.delete", "owner")
 async def delete_smtp_user(ctx: Context, data: s.SmtpUserRef) -> s.Removed:
     row = await _own_user(ctx, data.smtp_user_name)
-    await ctx.conn.execute(delete(smtp_users).where(smtp_users.c.name == row.name))
+    await users.remove(ctx.conn, row.name)
     ctx.emit("smtp_user.deleted", {"smtp_user_name": row.name})
     return s.Removed()
 
@@ -376,26 +324,15 @@ def _channel_out(row: Any) -> s.Channel:
 
 
 async def own_channel(ctx: Context, name: str) -> Row[Any]:
-    row = (
-        await ctx.conn.execute(
-            select(channels).where(channels.c.owner_id == ctx.owner_id, channels.c.name == name)
-        )
-    ).first()
+    row = await channels.own(ctx.conn, ctx.owner_id, name)
     if row is None:
         raise NotFound("channel", [name])
     return row
 
 
-@command("settings.channel.put", "owner")
+@router.command("settings.channel.put", "owner")
 async def put_channel(ctx: Context, data: s.ChannelPut) -> s.Channel:
     await _own_settings(ctx, data.domain, lock="share")
-    existing = (
-        await ctx.conn.execute(
-            select(channels.c.created_at).where(
-                channels.c.owner_id == ctx.owner_id, channels.c.name == data.name
-            )
-        )
-    ).first()
     values = {
         "domain": data.domain,
         "recipients": data.recipients,
@@ -404,42 +341,26 @@ async def put_channel(ctx: Context, data: s.ChannelPut) -> s.Channel:
         ),
         "updated_at": ctx.now,
     }
-    if existing is None:
-        await ctx.conn.execute(
-            insert(channels).values(
-                owner_id=ctx.owner_id, name=data.name, created_at=ctx.now, **values
-            )
-        )
-    else:
-        await ctx.conn.execute(
-            update(channels)
-            .where(channels.c.owner_id == ctx.owner_id, channels.c.name == data.name)
-            .values(**values)
-        )
-    created_at = ctx.now if existing is None else existing.created_at
+    created_at = await channels.put(ctx.conn, ctx.owner_id, data.name, values, ctx.now)
     out = _channel_out(Written({"name": data.name, "created_at": created_at, **values}))
     ctx.emit("channel.updated", out)
     return out
 
 
-@command("settings.channel.get", "owner")
+@router.command("settings.channel.get", "owner")
 async def get_channel(ctx: Context, data: s.ChannelRef) -> s.Channel:
     return _channel_out(await own_channel(ctx, data.name))
 
 
-@command("settings.channel.list", "owner")
+@router.command("settings.channel.list", "owner")
 async def list_channels(ctx: Context, data: s.Empty) -> s.ChannelList:
-    rows = await ctx.conn.execute(
-        select(channels).where(channels.c.owner_id == ctx.owner_id).order_by(channels.c.name)
-    )
+    rows = await channels.of_owner(ctx.conn, ctx.owner_id)
     return s.ChannelList(channels=[_channel_out(row) for row in rows])
 
 
-@command("settings.channel.delete", "owner")
+@router.command("settings.channel.delete", "owner")
 async def delete_channel(ctx: Context, data: s.ChannelRef) -> s.Removed:
     await own_channel(ctx, data.name)
-    await ctx.conn.execute(
-        delete(channels).where(channels.c.owner_id == ctx.owner_id, channels.c.name == data.name)
-    )
+    await channels.remove(ctx.conn, ctx.owner_id, data.name)
     ctx.emit("channel.deleted", {"name": data.name})
     return s.Removed()

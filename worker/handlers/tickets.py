@@ -15,18 +15,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic_core import to_json
-from sqlalchemy import BigInteger, and_, bindparam, case, delete, func, insert, select, update
-from sqlalchemy.engine import Row
-from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.functions import FunctionElement
 
 from schemas import tickets as t
 from schemas._types import distinct_addresses
 from worker.errors import Conflict, NotFound, QuotaExceeded
-from worker.handlers.base import Context, command
+from worker.handlers.base import Context, Router
 from worker.security import new_id
-from worker.store.tables import channels, email_settings, emails, hits, smtp_users, tickets
+from worker.store import Row, channels, emails, tickets, users
+
+router = Router()
 
 # --- shared steps -------------------------------------------------------------------------------
 
@@ -58,70 +55,21 @@ def ticket_out(row: Any) -> t.Ticket:
 async def _own_tickets(ctx: Context, sids: list[str]) -> dict[str, Row[Any]]:
     """The owner's tickets among `sids`; NotFound naming every one that is missing."""
     wanted = list(dict.fromkeys(sids))
-    rows = await ctx.conn.execute(
-        select(tickets).where(tickets.c.owner_id == ctx.owner_id, tickets.c.sid.in_(wanted))
-    )
-    found = {row.sid: row for row in rows}
+    found = await tickets.own(ctx.conn, ctx.owner_id, wanted)
     missing = [sid for sid in wanted if sid not in found]
     if missing:
         raise NotFound("ticket", missing)
     return found
 
 
-# The hot statements are built once, with bound parameters: SQLAlchemy then neither constructs
-# nor keys them again for every command.
-_sent_this_hour = case(
-    (smtp_users.c.sent_hour == bindparam("hour"), smtp_users.c.hourly_sent), else_=0
-)
-_COUNT_EMAILS = (
-    update(smtp_users)
-    .where(
-        smtp_users.c.name == bindparam("user"),
-        smtp_users.c.total_sent + bindparam("count") <= smtp_users.c.total_limit,
-        _sent_this_hour + bindparam("count") <= smtp_users.c.hourly_limit,
-    )
-    .values(
-        total_sent=smtp_users.c.total_sent + bindparam("count"),
-        hourly_sent=_sent_this_hour + bindparam("count"),
-        sent_hour=bindparam("hour"),
-    )
-)
-_CHANNEL_WITH_SETTINGS = (
-    select(channels, email_settings.c.id.label("settings_id"))
-    .outerjoin(
-        email_settings,
-        and_(
-            email_settings.c.domain == channels.c.domain,
-            email_settings.c.owner_id == channels.c.owner_id,
-        ),
-    )
-    .where(channels.c.owner_id == bindparam("owner"), channels.c.name == bindparam("channel"))
-)
-_OPEN_TICKET_BY_DEDUP_KEY = select(tickets).where(
-    tickets.c.owner_id == bindparam("owner"),
-    tickets.c.channel == bindparam("channel"),
-    tickets.c.dedup_key == bindparam("dedup_key"),
-    tickets.c.status != "closed",
-)
-_NEW_TICKET = insert(tickets)
-_NEW_EMAIL = insert(emails)
-
-# A ticket keeps its latest HITS_KEPT hits. Pruning on every new hit deletes at most the one that
-# fell out, found through the primary key (sid, seq).
-HITS_KEPT = 10_000
-_PRUNE_HITS = delete(hits).where(
-    hits.c.sid == bindparam("sid"), hits.c.seq <= bindparam("oldest_gone")
-)
-
-
 async def _consume_quota(ctx: Context, count: int) -> None:
     """Counts `count` emails against the sender's limits, or refuses with QuotaExceeded."""
     name = ctx.principal.user
+    assert name is not None
     hour = int(ctx.now.timestamp()) // 3600
-    result = await ctx.conn.execute(_COUNT_EMAILS, {"user": name, "count": count, "hour": hour})
-    if result.rowcount == 1:
+    if await users.count_emails(ctx.conn, name, count, hour):
         return
-    user = (await ctx.conn.execute(select(smtp_users).where(smtp_users.c.name == name))).one()
+    user = await users.get(ctx.conn, name)
     if user.total_sent + count > user.total_limit:
         details = {
             "limit": "total",
@@ -156,37 +104,22 @@ async def _queue_email(
 
     ctx.run_last(count)
     email_id = new_id()
-    await ctx.conn.execute(
-        _NEW_EMAIL,
-        {
-            "id": email_id,
-            "owner_id": ctx.owner_id,
-            "sid": sid,
-            "seq": seq,
-            "domain": domain,
-            "recipients": recipients,
-            "status": "pending",
-            "attempts": 0,
-            "lease_until": None,
-            "last_error": None,
-            "created_at": ctx.now,
-            "updated_at": ctx.now,
-        },
+    await emails.add(
+        ctx.conn,
+        email_id=email_id,
+        owner_id=ctx.owner_id,
+        sid=sid,
+        seq=seq,
+        domain=domain,
+        recipients=recipients,
+        now=ctx.now,
     )
-    if seq is not None:
-        await ctx.conn.execute(
-            update(tickets)
-            .where(tickets.c.sid == sid)
-            .values(delivery_status="pending", delivery_attempts=0, delivery_last_error=None)
-        )
     ctx.deliver(email_id, domain)
 
 
 async def _channel_with_settings(ctx: Context, name: str) -> Row[Any]:
     """The owner's channel, whose domain must still have the owner's email settings."""
-    channel = (
-        await ctx.conn.execute(_CHANNEL_WITH_SETTINGS, {"owner": ctx.owner_id, "channel": name})
-    ).first()
+    channel = await channels.with_settings(ctx.conn, ctx.owner_id, name)
     if channel is None:
         raise NotFound("channel", [name])
     if channel.settings_id is None:
@@ -196,39 +129,25 @@ async def _channel_with_settings(ctx: Context, name: str) -> Row[Any]:
 
 async def _append_hit(ctx: Context, ticket: Row[Any], summary: str, body: str | None) -> int:
     """Appends a hit to an open ticket, and emails it unless the ticket is acknowledged."""
-    seq = await ctx.conn.scalar(
-        update(tickets)
-        .where(tickets.c.sid == ticket.sid)
-        .values(hit_count=tickets.c.hit_count + 1, last_hit_at=ctx.now, updated_at=ctx.now)
-        .returning(tickets.c.hit_count)
-    )
-    assert seq is not None
-    await ctx.conn.execute(
-        insert(hits).values(sid=ticket.sid, seq=seq, summary=summary, body=body, created_at=ctx.now)
-    )
-    if seq > HITS_KEPT:
-        await ctx.conn.execute(_PRUNE_HITS, {"sid": ticket.sid, "oldest_gone": seq - HITS_KEPT})
+    seq = await tickets.add_hit(ctx.conn, ticket.sid, summary, body, ctx.now)
     if ticket.status != "acknowledged":
         channel = await _channel_with_settings(ctx, ticket.channel)
         await _queue_email(ctx, ticket.sid, seq, channel.domain, channel.recipients)
     ctx.emit("hit.created", {"sid": ticket.sid, "seq": seq, "summary": summary})
-    return int(seq)
+    return seq
 
 
 # --- tickets ------------------------------------------------------------------------------------
 
 
-@command("ticket.new", "user")
+@router.command("ticket.new", "user")
 async def new_ticket(ctx: Context, data: t.TicketNew) -> t.TicketCreated:
     channel = await _channel_with_settings(ctx, data.channel)
     new = data.ticket
     if new.dedup_key is not None:
-        open_ticket = (
-            await ctx.conn.execute(
-                _OPEN_TICKET_BY_DEDUP_KEY,
-                {"owner": ctx.owner_id, "channel": data.channel, "dedup_key": new.dedup_key},
-            )
-        ).first()
+        open_ticket = await tickets.open_by_dedup_key(
+            ctx.conn, ctx.owner_id, data.channel, new.dedup_key
+        )
         if open_ticket is not None:
             await _append_hit(ctx, open_ticket, new.title, new.body)
             return t.TicketCreated(sid=open_ticket.sid, created=False)
@@ -256,7 +175,7 @@ async def new_ticket(ctx: Context, data: t.TicketNew) -> t.TicketCreated:
         "thread_domain": channel.domain,
     }
     # The unique index on open dedup keys turns a concurrent twin into a retry that folds.
-    await ctx.conn.execute(_NEW_TICKET, values)
+    await tickets.add(ctx.conn, values)
     await _queue_email(ctx, sid, None, channel.domain, channel.recipients)
     ctx.emit(
         "ticket.created",
@@ -265,13 +184,13 @@ async def new_ticket(ctx: Context, data: t.TicketNew) -> t.TicketCreated:
     return t.TicketCreated(sid=sid, created=True)
 
 
-@command("ticket.get", "user")
+@router.command("ticket.get", "user")
 async def get_ticket(ctx: Context, data: t.TicketRef) -> t.TicketOne:
     found = await _own_tickets(ctx, [data.sid])
     return t.TicketOne(ticket=ticket_out(found[data.sid]))
 
 
-@command("ticket.get_many", "user")
+@router.command("ticket.get_many", "user")
 async def get_tickets(ctx: Context, data: t.TicketRefs) -> t.TicketMany:
     found = await _own_tickets(ctx, data.sids)
     return t.TicketMany(tickets=[ticket_out(found[sid]) for sid in data.sids])
@@ -281,11 +200,7 @@ async def _close(ctx: Context, sids: list[str], comment: str | None) -> t.Done:
     found = await _own_tickets(ctx, sids)
     closing = [sid for sid, row in found.items() if row.status != "closed"]
     if closing:
-        await ctx.conn.execute(
-            update(tickets)
-            .where(tickets.c.sid.in_(closing))
-            .values(status="closed", closed_at=ctx.now, updated_at=ctx.now, comment=comment)
-        )
+        await tickets.close(ctx.conn, closing, comment, ctx.now)
     for sid in closing:
         ctx.emit("ticket.closed", {"sid": sid, "comment": comment})
     return t.Done()
@@ -298,42 +213,38 @@ async def _set_ack(ctx: Context, sids: list[str], status: str, event: str) -> t.
         raise Conflict("closed tickets cannot change status", {"closed": closed})
     changing = [sid for sid, row in found.items() if row.status != status]
     if changing:
-        await ctx.conn.execute(
-            update(tickets)
-            .where(and_(tickets.c.sid.in_(changing), tickets.c.status != "closed"))
-            .values(status=status, updated_at=ctx.now)
-        )
+        await tickets.set_status(ctx.conn, changing, status, ctx.now)
     for sid in changing:
         ctx.emit(event, {"sid": sid})
     return t.Done()
 
 
-@command("ticket.close", "user")
+@router.command("ticket.close", "user")
 async def close_ticket(ctx: Context, data: t.TicketClose) -> t.Done:
     return await _close(ctx, [data.sid], data.comment)
 
 
-@command("ticket.close_many", "user")
+@router.command("ticket.close_many", "user")
 async def close_tickets(ctx: Context, data: t.TicketCloseMany) -> t.Done:
     return await _close(ctx, data.sids, data.comment)
 
 
-@command("ticket.ack", "user")
+@router.command("ticket.ack", "user")
 async def ack_ticket(ctx: Context, data: t.TicketRef) -> t.Done:
     return await _set_ack(ctx, [data.sid], "acknowledged", "ticket.acked")
 
 
-@command("ticket.ack_many", "user")
+@router.command("ticket.ack_many", "user")
 async def ack_tickets(ctx: Context, data: t.TicketRefs) -> t.Done:
     return await _set_ack(ctx, data.sids, "acknowledged", "ticket.acked")
 
 
-@command("ticket.unack", "user")
+@router.command("ticket.unack", "user")
 async def unack_ticket(ctx: Context, data: t.TicketRef) -> t.Done:
     return await _set_ack(ctx, [data.sid], "unacknowledged", "ticket.unacked")
 
 
-@command("ticket.unack_many", "user")
+@router.command("ticket.unack_many", "user")
 async def unack_tickets(ctx: Context, data: t.TicketRefs) -> t.Done:
     return await _set_ack(ctx, data.sids, "unacknowledged", "ticket.unacked")
 
@@ -341,30 +252,13 @@ async def unack_tickets(ctx: Context, data: t.TicketRefs) -> t.Done:
 # --- hits ---------------------------------------------------------------------------------------
 
 
-@command("hit.new", "user")
+@router.command("hit.new", "user")
 async def new_hit(ctx: Context, data: t.HitNew) -> t.HitCreated:
     ticket = (await _own_tickets(ctx, [data.sid]))[data.sid]
     if ticket.status == "closed":
         raise Conflict("the ticket is closed")
     seq = await _append_hit(ctx, ticket, data.hit.summary, data.hit.body)
     return t.HitCreated(seq=seq)
-
-
-class octet_length(FunctionElement[int]):  # noqa: N801 (named as the SQL function)
-    """The length of a text in bytes of UTF-8: `octet_length`, which SQLite lacks before 3.43."""
-
-    type = BigInteger()
-    inherit_cache = True
-
-
-@compiles(octet_length)
-def _octet_length(element: octet_length, compiler: SQLCompiler, **kw: Any) -> str:
-    return f"octet_length({compiler.process(element.clauses, **kw)})"
-
-
-@compiles(octet_length, "sqlite")
-def _octet_length_sqlite(element: octet_length, compiler: SQLCompiler, **kw: Any) -> str:
-    return f"length(CAST({compiler.process(element.clauses, **kw)} AS BLOB))"
 
 
 # A hit.list reply is at most 1 MiB: its hits, and room for the envelope around them (status,
@@ -374,24 +268,9 @@ _ENVELOPE_BYTES = 4096
 # Bytes of a hit's JSON besides its summary and body, at least: `{"seq":1,"summary":"",
 # "body":"","created_at":"2024-01-01T00:00:00Z"}` and a comma.
 _HIT_OVERHEAD = 64
-_AFTER = bindparam("after", type_=BigInteger)  # after_seq may pass what the seq column holds
-_HIT_SIZES = (
-    select(
-        hits.c.seq,
-        (octet_length(hits.c.summary) + func.coalesce(octet_length(hits.c.body), 0)).label("size"),
-    )
-    .where(hits.c.sid == bindparam("sid"), hits.c.seq > _AFTER)
-    .order_by(hits.c.seq)
-    .limit(bindparam("limit"))
-)
-_HITS_BETWEEN = (
-    select(hits)
-    .where(hits.c.sid == bindparam("sid"), hits.c.seq > _AFTER, hits.c.seq <= bindparam("last"))
-    .order_by(hits.c.seq)
-)
 
 
-@command("hit.list", "user")
+@router.command("hit.list", "user")
 async def list_hits(ctx: Context, data: t.HitList) -> t.HitPage:
     """One page of hits: at most `limit` of them, and at most PAGE_BYTES of reply.
 
@@ -401,8 +280,7 @@ async def list_hits(ctx: Context, data: t.HitList) -> t.HitPage:
     where the real size would pass the budget; it always holds one hit when any remain.
     """
     await _own_tickets(ctx, [data.sid])
-    params = {"sid": data.sid, "after": data.after_seq}
-    sizes = (await ctx.conn.execute(_HIT_SIZES, {**params, "limit": data.limit + 1})).all()
+    sizes = await tickets.hit_sizes(ctx.conn, data.sid, data.after_seq, data.limit + 1)
     budget = PAGE_BYTES - _ENVELOPE_BYTES - len("[]")
     fitting, estimate = 0, 0
     for row in sizes[: data.limit]:
@@ -415,7 +293,7 @@ async def list_hits(ctx: Context, data: t.HitList) -> t.HitPage:
     last = sizes[fitting - 1].seq
     page: list[t.Hit] = []
     used = 0
-    for row in await ctx.conn.execute(_HITS_BETWEEN, {**params, "last": last}):
+    for row in await tickets.hits_between(ctx.conn, data.sid, data.after_seq, last):
         hit = t.Hit(seq=row.seq, summary=row.summary, body=row.body, created_at=row.created_at)
         used += len(to_json(hit)) + (1 if page else 0)
         if page and used > budget:

@@ -12,7 +12,7 @@ from worker.mail.compose import (
     ticket_email,
     ticket_message_id,
 )
-from worker.mail.relay import ProbeResult, Relay, SmtpPool, Stage, StartTLS, probe
+from worker.mail.relay import ProbeResult, Relay, SmtpPool, Stage, StartTLS, probe, relay_of
 
 __all__ = [
     "ProbeResult",
@@ -24,6 +24,7 @@ __all__ = [
     "hit_email",
     "hit_message_id",
     "probe",
+    "relay_of",
     "ticket_email",
     "ticket_message_id",
 ]

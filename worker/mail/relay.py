@@ -31,8 +31,10 @@ import socket
 import ssl
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
+from email.utils import parseaddr
 from ipaddress import ip_address
 from typing import Any, Literal, Self, TypeVar
 from urllib.parse import unquote, unquote_plus
@@ -40,6 +42,7 @@ from urllib.parse import unquote, unquote_plus
 import aiosmtplib
 from aiosmtplib.email import flatten_message
 
+from schemas.settings import TIMEOUT_MAX, TIMEOUT_MIN
 from worker.errors import SmtpPermanentError, SmtpTransientError
 from worker.mail.policy import Network, is_allowed, unwrap
 
@@ -756,3 +759,22 @@ async def _quit(smtp: aiosmtplib.SMTP) -> None:
         pass  # the connection is going away either way
     finally:
         smtp.close()
+
+
+def relay_of(settings: Any, password: str | None, allow: Iterable[Network] = ()) -> Relay:
+    """The relay of stored email settings (a row with `options` and `sender`); `password` is
+    their relay password, decrypted; `allow` is SMTP_WORKER_RELAY_ALLOW."""
+    options = settings.options
+    return Relay(
+        host=options["host"],
+        port=options["port"],
+        secure=options["secure"],
+        starttls=options["starttls"],
+        reject_unauthorized=options["rejectUnauthorized"],
+        username=options.get("auth_user"),
+        password=password,
+        # Settings stored before the contract bounded the timeout may hold more.
+        timeout=min(max(float(options["timeout"]), TIMEOUT_MIN), TIMEOUT_MAX),
+        allow=tuple(allow),
+        sender=parseaddr(settings.sender)[1] or settings.sender,
+    )

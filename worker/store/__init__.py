@@ -1,6 +1,12 @@
-"""The store: tables, queries and migrations; SQLite and PostgreSQL through one code path."""
+"""The store: the only place with SQL. Tables, migrations, and one module per aggregate:
 
-from worker.store.db import Store, translate_error
+`owners`, `settings` (email settings), `users` (SMTP users, their logins and quotas), `channels`,
+`tickets` (and their hits), `emails` (claimed under a lease to send), `idempotency`. Their
+functions take a connection in a transaction (`Store.transaction`) and return rows or models.
+SQLite and PostgreSQL go through one code path.
+"""
+
+from worker.store.db import Connection, Row, Store, display_url, ping, translate_error
 from worker.store.migrate import migrate
 
-__all__ = ["Store", "migrate", "translate_error"]
+__all__ = ["Connection", "Row", "Store", "display_url", "migrate", "ping", "translate_error"]

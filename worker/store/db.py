@@ -13,14 +13,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy import event, text
+from sqlalchemy.engine import Row, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from worker.errors import CommitUnknown, ConcurrentWrite, StoreUnavailable
+
+# What the layers above the store see of SQLAlchemy: a connection in a transaction, and rows.
+Connection = AsyncConnection
+__all__ = ["Connection", "Row", "Store", "display_url", "ping", "translate_error"]
 
 # PostgreSQL: serialization_failure, deadlock_detected.
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
@@ -123,3 +127,13 @@ class Store:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+async def ping(conn: AsyncConnection) -> None:
+    """The cheapest round trip to the store."""
+    await conn.execute(text("SELECT 1"))
+
+
+def display_url(url: str) -> str:
+    """The store's URL as it may be shown: without its password."""
+    return make_url(url).render_as_string(hide_password=True)

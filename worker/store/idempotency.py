@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import bindparam, delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from worker.handlers.base import Effect
+from worker.events import Effect
 from worker.store.tables import processed_commands as pc
 
 

@@ -19,41 +19,37 @@ crash); its outcome event is published again instead, since the crash may have l
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
-from sqlalchemy import or_, select, update
-from sqlalchemy.engine import Row
 
 from schemas._types import split_mailbox
-from worker.broker import PARK_DELAYS, Broker, settle
+from worker.broker import PARK_DELAYS, Broker
 from worker.config import Settings
 from worker.errors import (
     SmtpPermanentError,
     SmtpTransientError,
-    StoreUnavailable,
     TransientError,
 )
+from worker.events import event_body
 from worker.gate import Gate, Park, Turn
-from worker.handlers.base import event_body
-from worker.handlers.settings import relay_of
 from worker.jobs import DeliveryJob
 from worker.mail.compose import hit_email, hit_message_id, ticket_email, ticket_message_id
-from worker.mail.relay import Relay, SmtpPool
+from worker.mail.relay import Relay, SmtpPool, relay_of
 from worker.metrics import Metrics
+from worker.outcomes import EmailOutcome, Settlement, StoreRetry, Unclaimed, settle_as
 from worker.security import Keyring
-from worker.store import Store
-from worker.store.tables import channels, email_settings, emails, hits, tickets
+from worker.store import Row, Store, channels, emails, tickets
+from worker.store import settings as email_settings
 
 log = structlog.get_logger("worker.delivery")
 
-STORE_BACKOFF = (0.1, 0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0)
+STORE_RETRY = StoreRetry((0.1, 0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0))
 # Long enough for one send through a slow relay; a worker killed while sending holds the email
 # this long before another may send it.
 LEASE = timedelta(seconds=60)
@@ -112,26 +108,27 @@ class DeliveryConsumer:
 
     async def __call__(self, message: AbstractIncomingMessage) -> None:
         started = time.perf_counter()
-        outcome = "unknown"
+        outcome = EmailOutcome.UNKNOWN
         try:
             job = DeliveryJob.load(message.body)
         except pydantic.ValidationError:
             log.error("delivery.unreadable")
-            await settle(message.reject(requeue=False), "delivery.settle_failed")
+            await settle_as(message, "dead", "delivery.settle_failed")
             return
         structlog.contextvars.bind_contextvars(email_id=job.email_id)
+        settlement: Settlement = "requeue"
         try:
-            outcome = await self._process(job, bool(message.redelivered))
-            await settle(message.ack(), "delivery.settle_failed")
-        except TransientError as exc:
-            outcome = "requeued"
-            log.warning("delivery.requeued", error=type(exc).__name__)
-            await settle(message.reject(requeue=True), "delivery.settle_failed")
-        except Exception:
-            # A bug: requeued until the delivery limit dead-letters it into P.dead.
-            outcome = "requeued"
-            log.exception("delivery.crashed")
-            await settle(message.reject(requeue=True), "delivery.settle_failed")
+            try:
+                outcome = await self._process(job, bool(message.redelivered))
+                settlement = "ack"
+            except TransientError as exc:
+                outcome = EmailOutcome.REQUEUED
+                log.warning("delivery.requeued", error=type(exc).__name__)
+            except Exception:
+                # A bug: requeued until the delivery limit dead-letters it into P.dead.
+                outcome = EmailOutcome.REQUEUED
+                log.exception("delivery.crashed")
+            await settle_as(message, settlement, "delivery.settle_failed")
         finally:
             log.info(
                 "email.processed",
@@ -140,23 +137,12 @@ class DeliveryConsumer:
             )
             structlog.contextvars.clear_contextvars()
 
-    async def _with_store(self, operation: Any, *args: Any) -> Any:
-        """Runs a store step, waiting out a short outage before giving the message back."""
-        for delay in (*STORE_BACKOFF, None):
-            try:
-                return await operation(*args)
-            except StoreUnavailable:
-                if delay is None:
-                    raise
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
-
-    async def _process(self, job: DeliveryJob, redelivered: bool) -> str:
+    async def _process(self, job: DeliveryJob, redelivered: bool) -> EmailOutcome:
         if job.owner_id is None or job.domain is None:
             # Queued by an older release: the email says whose it is and which relay it takes.
-            found = await self._with_store(self._complete, job)
+            found = await STORE_RETRY.run(self._complete, job)
             if found is None:
-                return "missing"
+                return EmailOutcome.MISSING
             job = found
         turn = await self.gate.enter(
             [
@@ -168,37 +154,41 @@ class DeliveryConsumer:
             return await self._park(job, turn.delay)
         with turn:
             outcome = await self._deliver(job, redelivered, turn)
-        if outcome == "saturated":
+        if outcome is EmailOutcome.SATURATED:
             return await self._park(job, PARK_DELAYS[0])
         return outcome
 
     async def _complete(self, job: DeliveryJob) -> DeliveryJob | None:
         async with self.store.transaction() as conn:
-            email = (
-                await conn.execute(
-                    select(emails.c.owner_id, emails.c.domain).where(emails.c.id == job.email_id)
-                )
-            ).first()
+            email = (await emails.get_many(conn, [job.email_id])).get(job.email_id)
         if email is None:
             return None
         return job.model_copy(update={"owner_id": email.owner_id, "domain": email.domain})
 
-    async def _park(self, job: DeliveryJob, delay: float) -> str:
+    async def _park(self, job: DeliveryJob, delay: float) -> EmailOutcome:
         """No turn at its relay soon: back in the queue for later, with no attempt spent."""
         await self.broker.publish_delivery(job.parked_again().dump(), delay=delay)
-        return "parked"
+        return EmailOutcome.PARKED
 
-    async def _deliver(self, delivery: DeliveryJob, redelivered: bool, turn: Turn) -> str:
+    async def _deliver(self, delivery: DeliveryJob, redelivered: bool, turn: Turn) -> EmailOutcome:
         now = datetime.now(UTC)
         email_id = delivery.email_id
-        job: Job | str = await self._with_store(self._claim, email_id, now, redelivered)
+        job = await STORE_RETRY.run(self._claim, email_id, now)
+        if isinstance(job, Row):
+            # Sent or failed already. A redelivery may follow a crash that lost its outcome
+            # event: published again, after the claim's transaction.
+            if redelivered:
+                await self._republish_outcome(job)
+            return EmailOutcome.DONE
+        if isinstance(job, EmailOutcome):  # failed for good before it could be sent
+            return job
         if isinstance(job, str):
             if job == "busy":
                 # Another worker is sending it (or died doing so): look again after a delay.
                 await self.broker.publish_delivery(
                     delivery.dump(), delay=self.settings.retry_delays[0]
                 )
-            return job
+            return EmailOutcome(job)
         try:
             try:
                 await self.pool.send(job.relay, job.message, job.sender, job.email.recipients)
@@ -220,28 +210,22 @@ class DeliveryConsumer:
             await self.broker.publish_delivery(
                 retry.dump(), delay=self.settings.retry_delays[attempts - 1]
             )
-            return "retry"
+            return EmailOutcome.RETRY
         return await self._finish(job, "sent", None, permanent=False)
 
-    async def _claim(self, email_id: str, now: datetime, redelivered: bool) -> Job | str:
+    async def _claim(
+        self, email_id: str, now: datetime
+    ) -> Job | Unclaimed | EmailOutcome | Row[Any]:
         """Takes the email for sending, or says why not (`done`, `busy`, `missing`, or
-        `saturated`: its relay, shared with another domain, has no free connection)."""
+        `saturated`: its relay, shared with another domain, has no free connection); the
+        email's row when it was sent or failed before; FAILED when it cannot be composed."""
         async with self.store.transaction() as conn:
-            email = (await conn.execute(select(emails).where(emails.c.id == email_id))).first()
+            email = (await emails.get_many(conn, [email_id])).get(email_id)
             if email is None:
                 return "missing"
             if email.status in ("sent", "failed"):
-                if redelivered:
-                    await self._republish_outcome(email)
-                return "done"
-            settings = (
-                await conn.execute(
-                    select(email_settings).where(
-                        email_settings.c.domain == email.domain,
-                        email_settings.c.owner_id == email.owner_id,
-                    )
-                )
-            ).first()
+                return email
+            settings = await email_settings.own(conn, email.owner_id, email.domain)
             relay = None
             if settings is not None:
                 password = (
@@ -251,34 +235,14 @@ class DeliveryConsumer:
                 # The lease is taken only once a connection is there to send it with.
                 if not self.pool.has_free_connection(relay):
                     return "saturated"
-            claimed = await conn.execute(
-                update(emails)
-                .where(
-                    emails.c.id == email_id,
-                    # Read again by the UPDATE itself: another job for the same email (a parked
-                    # copy and its redelivered original) may have sent it since the SELECT above,
-                    # and a sent email's lease is free.
-                    emails.c.status == "pending",
-                    or_(emails.c.lease_until.is_(None), emails.c.lease_until < now),
-                )
-                .values(lease_until=now + LEASE)
-            )
-            if claimed.rowcount != 1:
-                status = await conn.scalar(select(emails.c.status).where(emails.c.id == email_id))
+            if email_id not in await emails.claim(conn, [email_id], now, LEASE):
+                status = (await emails.statuses(conn, [email_id])).get(email_id)
                 return "busy" if status == "pending" else "done"
-            ticket = (await conn.execute(select(tickets).where(tickets.c.sid == email.sid))).one()
-            prefix = await conn.scalar(
-                select(channels.c.subject_prefix).where(
-                    channels.c.owner_id == email.owner_id, channels.c.name == ticket.channel
-                )
-            )
+            ticket = await tickets.get(conn, email.sid)
+            prefix = await channels.subject_prefix(conn, email.owner_id, ticket.channel)
             hit = None
             if email.seq is not None:
-                hit = (
-                    await conn.execute(
-                        select(hits).where(hits.c.sid == email.sid, hits.c.seq == email.seq)
-                    )
-                ).one()
+                hit = await tickets.get_hit(conn, email.sid, email.seq)
         if settings is None or relay is None:
             return await self._finish_without_job(email, f"no email settings for {email.domain}")
         # The ticket's Message-ID is fixed when it is created (NULL only on a ticket older than the
@@ -325,46 +289,29 @@ class DeliveryConsumer:
 
         async def write() -> None:
             async with self.store.transaction() as conn:
-                await conn.execute(
-                    update(emails)
-                    .where(emails.c.id == email.id)
-                    .values(
-                        status=status,
-                        attempts=attempts,
-                        last_error=error,
-                        lease_until=None,
-                        updated_at=now,
-                    )
-                )
-                await conn.execute(
-                    update(tickets)
-                    .where(tickets.c.sid == email.sid)
-                    .values(
-                        delivery_status=status,
-                        delivery_attempts=attempts,
-                        delivery_last_error=error,
-                    )
-                )
+                await emails.record(conn, email, status, attempts, error, now)
 
-        await self._with_store(write)
+        await STORE_RETRY.run(write)
 
-    async def _finish(self, job: Job, status: str, error: str | None, *, permanent: bool) -> str:
+    async def _finish(
+        self, job: Job, status: Literal["sent", "failed"], error: str | None, *, permanent: bool
+    ) -> EmailOutcome:
         email = job.email
         attempts = email.attempts + 1
         await self._record(email, status, attempts, error)
         self.metrics.email_processed(status, email.created_at)
         updated = email._asdict() | {"status": status, "attempts": attempts, "last_error": error}
         await self._publish_outcome(updated, job.message_id, permanent=permanent)
-        return status
+        return EmailOutcome(status)
 
-    async def _finish_without_job(self, email: Row[Any], error: str) -> str:
+    async def _finish_without_job(self, email: Row[Any], error: str) -> EmailOutcome:
         """An email that cannot be composed (its domain lost its settings, or text stored before
         today's rules breaks them): failed for good."""
         await self._record(email, "failed", email.attempts, error)
         self.metrics.email_processed("failed")
         updated = email._asdict() | {"status": "failed", "last_error": error}
         await self._publish_outcome(updated, None, permanent=True)
-        return "failed"
+        return EmailOutcome.FAILED
 
     async def _republish_outcome(self, email: Row[Any]) -> None:
         message_id = (

@@ -1,0 +1,124 @@
+"""The store layer on its own: SQLite in a temporary file, no broker, no worker."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from worker.security import Keyring
+from worker.store import Connection, Store, emails, migrate, owners, tickets, users
+
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+LEASE = timedelta(seconds=60)
+KEYRING = Keyring("store-tests-secret-key-0123456789")
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
+    await migrate(store)
+    yield store
+    await store.close()
+
+
+async def _ticket(conn: Connection, owner_id: str, sid: str = "t1") -> None:
+    await tickets.add(
+        conn,
+        {
+            "sid": sid,
+            "owner_id": owner_id,
+            "channel": "ops",
+            "title": "disk full",
+            "body": "",
+            "severity": "high",
+            "dedup_key": None,
+            "status": "unacknowledged",
+            "created_at": NOW,
+            "updated_at": NOW,
+            "created_by": "smtp_user",
+            "delivery_status": "pending",
+            "thread_domain": "example.com",
+        },
+    )
+
+
+async def test_an_owner_is_found_by_its_token_hash_only(store: Store) -> None:
+    async with store.transaction() as conn:
+        owner_id, token = await owners.create(conn, KEYRING, "acme", NOW)
+        stored = await owners.token_hash(conn, owner_id)
+        assert await owners.token_hash(conn, "nobody") is None
+    assert stored is not None and token not in stored
+    assert KEYRING.verify(token, stored)
+
+
+async def test_emails_are_claimed_once_under_a_lease_and_their_state_reaches_the_ticket(
+    store: Store,
+) -> None:
+    async with store.transaction() as conn:
+        owner_id, _ = await owners.create(conn, KEYRING, "acme", NOW)
+        await _ticket(conn, owner_id)
+        for email_id, seq in (("e1", None), ("e2", 1)):
+            await emails.add(
+                conn,
+                email_id=email_id,
+                owner_id=owner_id,
+                sid="t1",
+                seq=seq,
+                domain="example.com",
+                recipients=["ops@example.com"],
+                now=NOW,
+            )
+        assert {"e1", "e2"} == await emails.claim(conn, ["e1", "e2", "e3"], NOW, LEASE)
+        assert set() == await emails.claim(conn, ["e1", "e2"], NOW, LEASE)
+        # A lease past its end is free again.
+        assert {"e1"} == await emails.claim(conn, ["e1"], NOW + LEASE + timedelta(seconds=1), LEASE)
+        await emails.record(conn, (await emails.get_many(conn, ["e1"]))["e1"], "sent", 1, None, NOW)
+        assert {"e1": "sent", "e2": "pending"} == await emails.statuses(conn, ["e1", "e2"])
+        assert set() == await emails.claim(conn, ["e1"], NOW + timedelta(days=1), LEASE)
+        ticket = await tickets.get(conn, "t1")
+    assert ("sent", 1, None) == (
+        ticket.delivery_status,
+        ticket.delivery_attempts,
+        ticket.delivery_last_error,
+    )
+
+
+async def test_a_quota_counts_only_what_fits_in_both_limits(store: Store) -> None:
+    hour = int(NOW.timestamp()) // 3600
+    async with store.transaction() as conn:
+        owner_id, _ = await owners.create(conn, KEYRING, "acme", NOW)
+        await users.add(
+            conn,
+            {
+                "name": "smtp_a",
+                "owner_id": owner_id,
+                "password_hash": KEYRING.hash("pw"),
+                "status": "Enable",
+                "total_limit": 10,
+                "hourly_limit": 3,
+                "created_at": NOW,
+            },
+        )
+        assert await users.count_emails(conn, "smtp_a", 3, hour)
+        assert not await users.count_emails(conn, "smtp_a", 1, hour)
+        # A new hour starts the hourly count again; the total goes on.
+        assert await users.count_emails(conn, "smtp_a", 3, hour + 1)
+        user = await users.get(conn, "smtp_a")
+    assert (6, 3, hour + 1) == (user.total_sent, user.hourly_sent, user.sent_hour)
+
+
+async def test_hits_are_numbered_and_paged_by_size(store: Store) -> None:
+    async with store.transaction() as conn:
+        owner_id, _ = await owners.create(conn, KEYRING, "acme", NOW)
+        await _ticket(conn, owner_id)
+        seqs = [await tickets.add_hit(conn, "t1", "é" * n, None, NOW) for n in (1, 2, 3)]
+        sizes = await tickets.hit_sizes(conn, "t1", 1, 10)
+        between = await tickets.hits_between(conn, "t1", 0, 2)
+        ticket = await tickets.get(conn, "t1")
+    assert [1, 2, 3] == seqs
+    assert [(2, 4), (3, 6)] == [(row.seq, row.size) for row in sizes]
+    assert [1, 2] == [row.seq for row in between]
+    assert 3 == ticket.hit_count

@@ -1,0 +1,80 @@
+"""SMTP users: their logins (authentication), their limits and the quota counters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import bindparam, case, delete, insert, select, update
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from worker.store.tables import smtp_users
+
+# The hot statements are built once, with bound parameters: SQLAlchemy then neither constructs
+# nor keys them again for every command.
+_LOGIN = select(smtp_users.c.owner_id, smtp_users.c.password_hash, smtp_users.c.status).where(
+    smtp_users.c.name == bindparam("name")
+)
+_sent_this_hour = case(
+    (smtp_users.c.sent_hour == bindparam("hour"), smtp_users.c.hourly_sent), else_=0
+)
+# The check and the count are one conditional UPDATE, so concurrent workers can never pass a
+# limit together.
+_COUNT_EMAILS = (
+    update(smtp_users)
+    .where(
+        smtp_users.c.name == bindparam("user"),
+        smtp_users.c.total_sent + bindparam("count") <= smtp_users.c.total_limit,
+        _sent_this_hour + bindparam("count") <= smtp_users.c.hourly_limit,
+    )
+    .values(
+        total_sent=smtp_users.c.total_sent + bindparam("count"),
+        hourly_sent=_sent_this_hour + bindparam("count"),
+        sent_hour=bindparam("hour"),
+    )
+)
+_BY_NAME = select(smtp_users).where(smtp_users.c.name == bindparam("name"))
+
+
+async def login(conn: AsyncConnection, name: str) -> Row[Any, Any, Any] | None:
+    """The user's owner_id, password_hash and status, to authenticate a command."""
+    return (await conn.execute(_LOGIN, {"name": name})).first()
+
+
+async def count_emails(conn: AsyncConnection, name: str, count: int, hour: int) -> bool:
+    """Counts `count` emails against the user's limits; False, counting nothing, when that would
+    pass one of them."""
+    result = await conn.execute(_COUNT_EMAILS, {"user": name, "count": count, "hour": hour})
+    return result.rowcount == 1
+
+
+async def get(conn: AsyncConnection, name: str) -> Row[Any]:
+    return (await conn.execute(_BY_NAME, {"name": name})).one()
+
+
+async def own(conn: AsyncConnection, owner_id: str, name: str) -> Row[Any] | None:
+    query = select(smtp_users).where(smtp_users.c.name == name, smtp_users.c.owner_id == owner_id)
+    return (await conn.execute(query)).first()
+
+
+async def of_owner(conn: AsyncConnection, owner_id: str) -> Sequence[Row[Any]]:
+    query = (
+        select(smtp_users)
+        .where(smtp_users.c.owner_id == owner_id)
+        .order_by(smtp_users.c.created_at, smtp_users.c.name)
+    )
+    return (await conn.execute(query)).all()
+
+
+async def add(conn: AsyncConnection, values: dict[str, Any]) -> None:
+    await conn.execute(insert(smtp_users).values(**values))
+
+
+async def change(conn: AsyncConnection, name: str, values: dict[str, Any]) -> None:
+    """Writes `values` (limits, status, password_hash) on the user."""
+    await conn.execute(update(smtp_users).where(smtp_users.c.name == name).values(**values))
+
+
+async def remove(conn: AsyncConnection, name: str) -> None:
+    await conn.execute(delete(smtp_users).where(smtp_users.c.name == name))
