@@ -6,7 +6,7 @@ Prints, as shares of the samples in which the process was busy (py-spy leaves id
 but not an idle executor thread waiting for work, which is left out here):
 
 - self time by package: the package of the innermost frame (`sqlalchemy`, `aio_pika`, the
-  standard library's `asyncio`…; the worker's own modules by module, `worker.mail.delivery`);
+  standard library's `asyncio`…; the worker's own modules by module, `worker.delivery`);
 - inclusive time by the worker's functions: every sample whose stack holds that function;
 - inclusive time by package: every sample whose stack holds a frame of that package.
 """
@@ -25,7 +25,7 @@ _FRAME = re.compile(r"^(?P<function>.*) \((?P<path>[^()]*?)(?::(?P<line>\d+))?\)
 
 def package(path: str) -> str:
     """`sqlalchemy` for sqlalchemy/engine/base.py (py-spy shortens paths to the import root),
-    `worker.mail.delivery` for the worker's own modules, `asyncio` for the standard library's."""
+    `worker.delivery` for the worker's own modules, `asyncio` for the standard library's."""
     parts = path.replace("\\", "/").split("/")
     if "site-packages" in parts:
         parts = parts[parts.index("site-packages") + 1 :] or parts
