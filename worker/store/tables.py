@@ -47,6 +47,25 @@ metadata = MetaData()
 
 Id = String(64)
 
+
+def _owner_id(**options: Any) -> Column[Any]:
+    """The owner a row belongs to."""
+    return Column("owner_id", Id, ForeignKey("owners.id"), **options)
+
+
+def _counter(name: str, type_: type[Integer] = Integer) -> Column[Any]:
+    """A count that starts at 0."""
+    return Column(name, type_, nullable=False, server_default=text("0"))
+
+
+def _timestamps() -> tuple[Column[Any], Column[Any]]:
+    """`created_at` and `updated_at`, both required."""
+    return (
+        Column("created_at", UtcDateTime, nullable=False),
+        Column("updated_at", UtcDateTime, nullable=False),
+    )
+
+
 owners = Table(
     "owners",
     metadata,
@@ -60,7 +79,7 @@ email_settings = Table(
     "email_settings",
     metadata,
     Column("id", Id, primary_key=True),
-    Column("owner_id", Id, ForeignKey("owners.id"), nullable=False, index=True),
+    _owner_id(nullable=False, index=True),
     Column("domain", String(253), nullable=False, unique=True),
     Column("provider", String(16), nullable=False),
     Column("description", Text),
@@ -68,58 +87,55 @@ email_settings = Table(
     # host, port, secure, starttls, debug, tls, timeout, auth_user: everything but the password
     Column("options", JSON, nullable=False),
     Column("auth_pass_enc", Text),
-    Column("created_at", UtcDateTime, nullable=False),
-    Column("updated_at", UtcDateTime, nullable=False),
+    *_timestamps(),
 )
 
 smtp_users = Table(
     "smtp_users",
     metadata,
     Column("name", String(64), primary_key=True),
-    Column("owner_id", Id, ForeignKey("owners.id"), nullable=False, index=True),
+    _owner_id(nullable=False, index=True),
     Column("password_hash", String(64), nullable=False),
     Column("status", String(8), nullable=False),
     Column("total_limit", BigInteger, nullable=False),
     Column("hourly_limit", BigInteger, nullable=False),
-    Column("total_sent", BigInteger, nullable=False, server_default=text("0")),
+    _counter("total_sent", BigInteger),
     # hourly_sent counts the UTC clock hour `sent_hour` (hours since the epoch)
-    Column("hourly_sent", BigInteger, nullable=False, server_default=text("0")),
-    Column("sent_hour", BigInteger, nullable=False, server_default=text("0")),
+    _counter("hourly_sent", BigInteger),
+    _counter("sent_hour", BigInteger),
     Column("created_at", UtcDateTime, nullable=False),
 )
 
 channels = Table(
     "channels",
     metadata,
-    Column("owner_id", Id, ForeignKey("owners.id"), primary_key=True),
+    _owner_id(primary_key=True),
     Column("name", String(64), primary_key=True),
     Column("domain", String(253), nullable=False),
     Column("recipients", JSON, nullable=False),
     Column("subject_prefix", String(200), nullable=False),
-    Column("created_at", UtcDateTime, nullable=False),
-    Column("updated_at", UtcDateTime, nullable=False),
+    *_timestamps(),
 )
 
 tickets = Table(
     "tickets",
     metadata,
     Column("sid", Id, primary_key=True),
-    Column("owner_id", Id, ForeignKey("owners.id"), nullable=False),
+    _owner_id(nullable=False),
     Column("channel", String(64), nullable=False),
     Column("title", String(200), nullable=False),
     Column("body", Text, nullable=False),
     Column("severity", String(16), nullable=False),
     Column("dedup_key", String(200)),
     Column("status", String(16), nullable=False),
-    Column("created_at", UtcDateTime, nullable=False),
-    Column("updated_at", UtcDateTime, nullable=False),
+    *_timestamps(),
     Column("closed_at", UtcDateTime),
     Column("comment", Text),
-    Column("hit_count", Integer, nullable=False, server_default=text("0")),
+    _counter("hit_count"),
     Column("last_hit_at", UtcDateTime),
     Column("created_by", String(64), nullable=False),
     Column("delivery_status", String(16), nullable=False),
-    Column("delivery_attempts", Integer, nullable=False, server_default=text("0")),
+    _counter("delivery_attempts"),
     Column("delivery_last_error", Text),
     # The domain of the ticket's Message-ID `<SID@DOMAIN>`, fixed at creation: its hits thread
     # under it even after the channel moves to another domain.
@@ -159,12 +175,11 @@ emails = Table(
     Column("domain", String(253), nullable=False),
     Column("recipients", JSON, nullable=False),
     Column("status", String(16), nullable=False),
-    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    _counter("attempts"),
     Column("last_error", Text),
     # While one worker sends, others leave the email alone until the lease runs out.
     Column("lease_until", UtcDateTime),
-    Column("created_at", UtcDateTime, nullable=False),
-    Column("updated_at", UtcDateTime, nullable=False),
+    *_timestamps(),
 )
 
 # Idempotency: the reply (and what it caused) of every command processed with a message_id, per
