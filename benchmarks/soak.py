@@ -46,7 +46,6 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from benchmarks.databases import create_database, drop_database
 from benchmarks.parties import (
     AMQP_URL,
     POSTGRES_URL,
@@ -60,6 +59,7 @@ from benchmarks.parties import (
     wait_ready,
     worker_env,
 )
+from tests.support.databases import create_database, drop_database
 from worker.broker import Names
 
 CHANNELS = 4

@@ -61,7 +61,6 @@ from typing import Any
 import aio_pika
 import aiosmtplib
 
-from benchmarks.databases import create_database, drop_database
 from benchmarks.parties import (
     AMQP_URL,
     POSTGRES_URL,
@@ -76,6 +75,7 @@ from benchmarks.parties import (
     worker_env,
 )
 from benchmarks.sink import read_sink
+from tests.support.databases import create_database, drop_database
 from worker.broker import Names
 
 REPLY_TIMEOUT = 60.0

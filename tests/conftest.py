@@ -28,7 +28,7 @@ import pytest
 import structlog
 from sqlalchemy import text
 
-from benchmarks.databases import create_database, drop_database
+from tests.support.databases import create_database, drop_database
 from worker import logs
 from worker.app import Worker
 from worker.broker import PARK_DELAYS, Names

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Env, unique_domain
-from tests.payloads import email_settings
+from tests.support.payloads import email_settings
 
 Owner = dict[str, str]
 # What a test case sends: the command's `type` and its body, built from a world of one owner

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.commandline import smtp_worker, spawn
 from tests.conftest import LOG_LINES, SECRET_KEY, SECRETS, Env
+from tests.support.commandline import smtp_worker, spawn
 
 ON_SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 

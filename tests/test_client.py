@@ -18,10 +18,10 @@ from schemas import events as e
 from schemas import settings as s
 from schemas import tickets as t
 from tests.conftest import Env, remember_secrets, unique_domain
-from tests.faults.proxy import Proxy
-from tests.payloads import relay_options
-from tests.smtp_servers import SmtpServer, closed_port
-from tests.world import eventually
+from tests.support.payloads import relay_options
+from tests.support.proxy import Proxy
+from tests.support.smtp_servers import SmtpServer, closed_port
+from tests.support.world import eventually
 from worker.client import (
     UNSET,
     BrokerUnreachable,
@@ -365,7 +365,7 @@ async def test_no_node_answering_raises_broker_unreachable_without_the_password(
 async def test_events_streams_the_ticket_events_of_a_scenario_typed_and_in_order(
     env: Env, client: Client, smtp: SmtpServer
 ) -> None:
-    from tests.world import configure  # noqa: PLC0415 - only this test needs a configured owner
+    from tests.support.world import configure  # noqa: PLC0415 - only this test needs a configured owner
 
     world = await configure(env, smtp)
     async with client.events("ticket.*") as events:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from schemas import COMMANDS, EVENTS
-from tests.commandline import smtp_worker
+from tests.support.commandline import smtp_worker
 from worker import contract
 
 ASYNCAPI_SCHEMA = Path(__file__).parent / "asyncapi" / "asyncapi-3.0.0.json"

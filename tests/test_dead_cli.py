@@ -18,7 +18,7 @@ import aio_pika
 import pytest
 
 from tests.conftest import Env, remember_secrets, unique_domain
-from tests.payloads import email_settings
+from tests.support.payloads import email_settings
 from worker.handlers.base import Context
 
 # P.dead is the broker's business: one store is enough.

@@ -16,7 +16,7 @@ import aio_pika
 import pytest
 
 from tests.conftest import LOG_LINES, Env
-from tests.smtp_servers import (
+from tests.support.smtp_servers import (
     DROP,
     SmtpServer,
     Tls,
@@ -25,7 +25,7 @@ from tests.smtp_servers import (
     password_echoes,
     password_leaks,
 )
-from tests.world import BIG_LIMITS, World, configure, eventually, relay_options
+from tests.support.world import BIG_LIMITS, World, configure, eventually, relay_options
 from worker.mail.relay import NO_CONNECTION
 
 ATTEMPTS = 3  # len(RETRY_DELAYS) + 1

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.commandline import smtp_worker
 from tests.conftest import SECRET_KEY, Env, delete_topology, make_settings
-from tests.smtp_servers import SmtpServer
+from tests.support.commandline import smtp_worker
+from tests.support.smtp_servers import SmtpServer
 
 ON_SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 _HEADER = re.compile(r"^\s+(From|To|Subject|Message-ID|In-Reply-To):\s+(.*)$")

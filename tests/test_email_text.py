@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Env, unique_domain
-from tests.hostile import (
+from tests.support.hostile import (
     BODY_SAFE,
     HEADER_SAFE,
     HIT_HEADERS,
@@ -24,9 +24,9 @@ from tests.hostile import (
     read,
     text_of,
 )
-from tests.payloads import relay_options
-from tests.smtp_servers import Received, SmtpServer
-from tests.world import World, configure
+from tests.support.payloads import relay_options
+from tests.support.smtp_servers import Received, SmtpServer
+from tests.support.world import World, configure
 
 BCC_TITLE = "=?utf-8?q?=0D=0ABcc:_x@evil.example?="
 

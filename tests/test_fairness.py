@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from tests.conftest import Env, unique_domain
-from tests.payloads import email_settings
-from tests.silent_relay import SilentRelay
-from tests.smtp_servers import SmtpServer
-from tests.world import World, configure, eventually
+from tests.support.payloads import email_settings
+from tests.support.silent_relay import SilentRelay
+from tests.support.smtp_servers import SmtpServer
+from tests.support.world import World, configure, eventually
 
 FAST = 2.0  # seconds: B's commands, whatever A does
 

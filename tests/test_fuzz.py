@@ -30,9 +30,9 @@ from hypothesis import strategies as st
 
 from schemas import COMMANDS, ErrorReply, SuccessReply
 from tests.conftest import Client, Env, remember_secrets
-from tests.hostile import HIT_HEADERS, TICKET_HEADERS, defects, quoted, read, text_of
-from tests.smtp_servers import SmtpServer
-from tests.world import World, configure
+from tests.support.hostile import HIT_HEADERS, TICKET_HEADERS, defects, quoted, read, text_of
+from tests.support.smtp_servers import SmtpServer
+from tests.support.world import World, configure
 
 MAX_EXAMPLES = 150
 BATCH = 8

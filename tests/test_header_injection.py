@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.conftest import Env
-from tests.smtp_servers import SmtpServer
-from tests.world import World, configure
+from tests.support.smtp_servers import SmtpServer
+from tests.support.world import World, configure
 
 # Every character `str.splitlines()` ends a line on, and the classic smuggled header.
 LINE_BREAKS = [

@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import insert, update
 
 from tests.conftest import Env
-from tests.smtp_servers import Received, SmtpServer
-from tests.world import World, configure
+from tests.support.smtp_servers import Received, SmtpServer
+from tests.support.world import World, configure
 from worker.store.tables import hits, tickets
 
 MiB = 1024 * 1024

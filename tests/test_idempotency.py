@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import Client, Env
-from tests.smtp_servers import SmtpServer
-from tests.world import configure
+from tests.support.smtp_servers import SmtpServer
+from tests.support.world import configure
 from worker.handlers.base import Context
 
 ADD = "settings.smtp_user.add"

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import SECRET_KEY, Client, Env, delete_topology, make_settings, unique_domain
-from tests.smtp_servers import SmtpServer
+from tests.support.smtp_servers import SmtpServer
+from tests.support.world import World, configure
 from tests.test_two_workers import WorkerProcess
-from tests.world import World, configure
 
 MAX_BODY = 1024 * 1024
 SMALL = 4096  # bytes: what a refusal may take, whatever it refuses

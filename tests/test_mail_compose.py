@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.hostile import (
+from tests.support.hostile import (
     BODY_SAFE,
     HEADER_SAFE,
     HIT_HEADERS,

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.smtp_servers import (
+from tests.support.smtp_servers import (
     DROP,
     HTTP_RESPONSE,
     MARIADB_GREETING,

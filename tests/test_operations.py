@@ -18,12 +18,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.commandline import smtp_worker
 from tests.conftest import SECRET_KEY, Env
-from tests.faults.proxy import Proxy
-from tests.http_client import get, request, sample, scrape
-from tests.smtp_servers import SmtpServer, silent_port
-from tests.world import configure, eventually
+from tests.support.commandline import smtp_worker
+from tests.support.http_client import get, request, sample, scrape
+from tests.support.proxy import Proxy
+from tests.support.smtp_servers import SmtpServer, silent_port
+from tests.support.world import configure, eventually
 from worker.app import Worker
 from worker.http import MAX_REQUEST_BYTES, REQUEST_TIMEOUT
 

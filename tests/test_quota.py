@@ -23,8 +23,8 @@ from tests.conftest import (
     drop_database,
     make_settings,
 )
-from tests.smtp_servers import SmtpServer
-from tests.world import World, configure
+from tests.support.smtp_servers import SmtpServer
+from tests.support.world import World, configure
 
 TWO = ["oncall@example.com", "ops@example.org"]
 

@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import update
 
 from tests.conftest import Env
-from tests.smtp_servers import SmtpServer
-from tests.world import World, configure
+from tests.support.smtp_servers import SmtpServer
+from tests.support.world import World, configure
 from worker.store.tables import channels
 
 GIVEN = ["Ops@Example.com", "oncall@example.org", "ops@example.com", "OPS@EXAMPLE.COM", "b@x.io"]

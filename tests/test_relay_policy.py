@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import Env, unique_domain
-from tests.payloads import email_settings, relay_options
-from tests.smtp_servers import SmtpServer
-from tests.world import configure
+from tests.support.payloads import email_settings, relay_options
+from tests.support.smtp_servers import SmtpServer
+from tests.support.world import configure
 from worker.errors import SmtpPermanentError
 from worker.mail import Relay, SmtpPool, probe, ticket_email
 from worker.mail.policy import is_allowed, literal_address

@@ -19,8 +19,8 @@ import aio_pika
 import pytest
 
 from tests.conftest import LOG_LINES, Client, Env, delete_topology, make_settings
-from tests.payloads import relay_options
-from tests.smtp_servers import SmtpServer
+from tests.support.payloads import relay_options
+from tests.support.smtp_servers import SmtpServer
 from worker.broker import DELIVERY_LIMIT, Names
 
 

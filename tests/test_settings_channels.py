@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Env, unique_domain
-from tests.payloads import email_settings
+from tests.support.payloads import email_settings
 
 CHANNEL_KEYS = {"name", "domain", "recipients", "subject_prefix", "created_at", "updated_at"}
 

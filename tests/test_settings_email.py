@@ -11,8 +11,8 @@ import pytest
 from sqlalchemy import insert
 
 from tests.conftest import Env, unique_domain
-from tests.payloads import email_settings, relay_options
-from tests.smtp_servers import SmtpServer
+from tests.support.payloads import email_settings, relay_options
+from tests.support.smtp_servers import SmtpServer
 from worker.store.tables import channels
 
 RELAY_USER, RELAY_PASS = "relay-user", "relay-pass-7f3a9c"

@@ -17,8 +17,8 @@ import pytest
 from sqlalchemy import select, update
 
 from tests.conftest import LOG_LINES, Env, unique_domain
-from tests.payloads import email_settings, relay_options
-from tests.smtp_servers import (
+from tests.support.payloads import email_settings, relay_options
+from tests.support.smtp_servers import (
     HTTP_RESPONSE,
     MARIADB_GREETING,
     NATS_BANNER,

@@ -21,8 +21,8 @@ import pytest
 
 from schemas import COMMANDS, OwnerAuth
 from tests.conftest import Env, unique_domain
-from tests.payloads import email_settings, relay_options
-from tests.smtp_servers import SmtpServer
+from tests.support.payloads import email_settings, relay_options
+from tests.support.smtp_servers import SmtpServer
 from worker.security import new_id
 
 Auth = dict[str, str]

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from tests.conftest import Env, unique_domain
-from tests.hostile import BODY_ONLY, REFUSED_IN_BODIES, REFUSED_IN_HEADERS
-from tests.payloads import relay_options
-from tests.smtp_servers import SmtpServer
-from tests.world import World, configure
+from tests.support.hostile import BODY_ONLY, REFUSED_IN_BODIES, REFUSED_IN_HEADERS
+from tests.support.payloads import relay_options
+from tests.support.smtp_servers import SmtpServer
+from tests.support.world import World, configure
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import update
 
 from tests.conftest import Env, unique_domain
-from tests.payloads import relay_options
-from tests.smtp_servers import SmtpServer
-from tests.world import World, configure
+from tests.support.payloads import relay_options
+from tests.support.smtp_servers import SmtpServer
+from tests.support.world import World, configure
 from worker.store.tables import tickets
 
 

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import Env
-from tests.smtp_servers import SmtpServer
-from tests.world import World, configure
+from tests.support.smtp_servers import SmtpServer
+from tests.support.world import World, configure
 
 TICKET_KEYS = {
     "sid",

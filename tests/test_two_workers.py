@@ -24,7 +24,6 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from tests.commandline import SMTP_WORKER, environment, smtp_worker
 from tests.conftest import (
     LOG_LINES,
     SECRET_KEY,
@@ -36,6 +35,7 @@ from tests.conftest import (
     make_settings,
     remember_secrets,
 )
+from tests.support.commandline import SMTP_WORKER, environment, smtp_worker
 from worker.config import Settings
 from worker.store import Store
 

@@ -19,8 +19,8 @@ import pytest
 
 from schemas import EVENTS, reply_adapter
 from tests.conftest import Env, remember_secrets, unique_domain
-from tests.payloads import relay_options
-from tests.smtp_servers import SmtpServer
+from tests.support.payloads import relay_options
+from tests.support.smtp_servers import SmtpServer
 from worker import contract
 
 REJECTED = "550 5.7.1 rejected"

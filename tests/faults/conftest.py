@@ -6,7 +6,7 @@ an owner with email settings, a channel and an SMTP user, and `smtp-worker run` 
 Workers log JSON lines to a file each; the rig reads them, and at the end of the test hands
 them to the session's secret scan.
 
-Scenarios that stop or kill a broker do it to private nodes (tests/faults/cluster.py): a
+Scenarios that stop or kill a broker do it to private nodes (tests/support/cluster.py): a
 three-node cluster started once per session (`rabbit_cluster`, `cluster_rig`), or one node of
 a test's own (`private_rig`). No test stops, restarts or reconfigures the shared broker.
 
@@ -47,9 +47,9 @@ from tests.conftest import (
     remember_secrets,
     unique_domain,
 )
-from tests.faults.cluster import PrivateNodes, private_nodes
-from tests.faults.proxy import Proxy
-from tests.smtp_servers import SmtpServer
+from tests.support.cluster import PrivateNodes, private_nodes
+from tests.support.proxy import Proxy
+from tests.support.smtp_servers import SmtpServer
 from worker.broker import Names
 from worker.config import Settings
 from worker.connection import connect_first

@@ -1,7 +1,7 @@
 """Scenario 3: the broker goes away under load, and comes back.
 
 a) The worker's connection is cut for 10 seconds (through a proxy; the client is not cut).
-b) The broker itself restarts: a private RabbitMQ node the test starts (tests/faults/cluster.py)
+b) The broker itself restarts: a private RabbitMQ node the test starts (tests/support/cluster.py)
    is stopped (`rabbitmqctl stop`, the node's VM exits) and started again.
 
 Either way the worker's consumers come back by themselves, and the run completes: every command
@@ -18,8 +18,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.faults.cluster import PrivateNodes
 from tests.faults.conftest import Rig, build_rig, figure
+from tests.support.cluster import PrivateNodes
 
 pytestmark = pytest.mark.faults
 

@@ -22,8 +22,8 @@ from collections import Counter
 import pytest
 
 from schemas import SuccessReply
-from tests.faults.cluster import PrivateNodes
 from tests.faults.conftest import Rig, WorkerProcess, figure, wait_until
+from tests.support.cluster import PrivateNodes
 from worker.client import Client
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]

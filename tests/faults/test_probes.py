@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import unique_domain
 from tests.faults.conftest import Rig, figure, wait_until
-from tests.silent_relay import SilentRelay
+from tests.support.silent_relay import SilentRelay
 
 pytestmark = pytest.mark.faults
 

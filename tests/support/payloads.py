@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.smtp_servers import SmtpServer
+from tests.support.smtp_servers import SmtpServer
 
 
 def email_settings(domain: str, **options: Any) -> dict[str, Any]:

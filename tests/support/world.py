@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from tests.conftest import Env, unique_domain
-from tests.payloads import relay_options
-from tests.smtp_servers import SmtpServer
+from tests.support.payloads import relay_options
+from tests.support.smtp_servers import SmtpServer
 
 RECIPIENTS = ["oncall@example.com", "ops@example.org"]
 BIG_LIMITS = {"total_limit": 1_000_000, "hourly_limit": 1_000_000}
