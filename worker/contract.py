@@ -330,34 +330,35 @@ def _channels() -> dict[str, Any]:
     return _sorted(channels)
 
 
+def _operation(action: str, channel: str, type_: str, summaries: dict[str, str]) -> dict[str, Any]:
+    """The operation of the messages of `type_` on `channel`, before its bindings and reply."""
+    return {
+        "action": action,
+        "channel": _ref("channels", channel),
+        "title": type_,
+        "summary": summaries.get(type_, type_),
+        "messages": [_ref("channels", channel, "messages", type_)],
+    }
+
+
 def _operations() -> dict[str, Any]:
     operations: dict[str, Any] = {}
     for type_ in COMMANDS:
-        operations[f"send.{type_}"] = {
-            "action": "send",
-            "channel": _ref("channels", "commands"),
-            "title": type_,
-            "summary": COMMAND_SUMMARIES.get(type_, type_),
-            "messages": [_ref("channels", "commands", "messages", type_)],
-            "bindings": {"amqp": {"cc": [type_], "deliveryMode": 2, "bindingVersion": AMQP}},
-            "reply": {
-                "address": {
-                    "location": "$message.header#/reply_to",
-                    "description": "The command's AMQP property `reply_to`.",
-                },
-                "channel": _ref("channels", "replies"),
-                "messages": [_ref("channels", "replies", "messages", type_)],
+        command = _operation("send", "commands", type_, COMMAND_SUMMARIES)
+        command["bindings"] = {"amqp": {"cc": [type_], "deliveryMode": 2, "bindingVersion": AMQP}}
+        command["reply"] = {
+            "address": {
+                "location": "$message.header#/reply_to",
+                "description": "The command's AMQP property `reply_to`.",
             },
+            "channel": _ref("channels", "replies"),
+            "messages": [_ref("channels", "replies", "messages", type_)],
         }
+        operations[f"send.{type_}"] = command
     for type_ in EVENTS:
-        operations[f"receive.{type_}"] = {
-            "action": "receive",
-            "channel": _ref("channels", "events"),
-            "title": type_,
-            "summary": EVENT_SUMMARIES.get(type_, type_),
-            "messages": [_ref("channels", "events", "messages", type_)],
-            "bindings": {"amqp": {"cc": [type_], "bindingVersion": AMQP}},
-        }
+        event = _operation("receive", "events", type_, EVENT_SUMMARIES)
+        event["bindings"] = {"amqp": {"cc": [type_], "bindingVersion": AMQP}}
+        operations[f"receive.{type_}"] = event
     return _sorted(operations)
 
 
