@@ -18,6 +18,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import aiormq
 import structlog
@@ -53,6 +54,8 @@ _EMAIL_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 36
 DEAD_LETTERS_TTL = 5.0
 _READ_TIMEOUT = 2.0
 
+M = TypeVar("M", Counter, Gauge, Histogram)
+
 
 def command_label(type_: str | None) -> str:
     """The `type` label of a command: one of the contract's types, else "unknown"."""
@@ -64,44 +67,52 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.commands = Counter(
+        self.commands = self._add(
+            Counter,
             "smtp_worker_commands",
             "Command messages by type and what became of them.",
             ("type", "outcome"),
-            registry=self.registry,
         )
-        self.command_duration = Histogram(
+        self.command_duration = self._add(
+            Histogram,
             "smtp_worker_command_duration_seconds",
             "Time from a command message's delivery to its ack or reject.",
             ("type",),
-            registry=self.registry,
         )
-        self.emails = Counter(
+        self.emails = self._add(
+            Counter,
             "smtp_worker_emails",
             "Delivery attempts by outcome: sent, failed for good, or retried later.",
             ("outcome",),
-            registry=self.registry,
         )
-        self.email_duration = Histogram(
+        self.email_duration = self._add(
+            Histogram,
             "smtp_worker_email_duration_seconds",
             "Time from the command's commit to the relay's acceptance of its email.",
             buckets=_EMAIL_BUCKETS,
-            registry=self.registry,
         )
-        self.in_flight_messages = Gauge(
-            "smtp_worker_in_flight",
-            "Messages being processed now, by queue.",
-            ("queue",),
-            registry=self.registry,
+        self.in_flight_messages = self._add(
+            Gauge, "smtp_worker_in_flight", "Messages being processed now, by queue.", ("queue",)
         )
-        self.relay_connections = Gauge(
+        self.relay_connections = self._add(
+            Gauge,
             "smtp_worker_relay_connections",
             "SMTP connections to relays the delivery pool holds open, idle or sending.",
-            registry=self.registry,
         )
         for outcome in EMAIL_OUTCOMES:
             self.emails.labels(outcome)
         self._depths: list[QueueDepth] = []
+
+    def _add(
+        self,
+        kind: type[M],
+        name: str,
+        documentation: str,
+        labels: tuple[str, ...] = (),
+        **options: Any,
+    ) -> M:
+        """A metric of `kind` in this worker's registry."""
+        return kind(name, documentation, labels, registry=self.registry, **options)
 
     # --- fed by the consumers -------------------------------------------------------------------
 
