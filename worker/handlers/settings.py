@@ -18,6 +18,14 @@ from worker.store.settings import Lock
 
 router = Router()
 
+
+def _found(row: Row[Any] | None, what: str, key: str) -> Row[Any]:
+    """`row`, unless there is none: then NotFound, naming the `what` asked for by its `key`."""
+    if row is None:
+        raise NotFound(what, [key])
+    return row
+
+
 # --- email settings -----------------------------------------------------------------------------
 
 
@@ -63,9 +71,7 @@ async def _own_settings(ctx: Context, domain: str, lock: Lock = None) -> Row[Any
     """The owner's settings of `domain`; `lock` takes its row lock (PostgreSQL; SQLite has one
     writer at a time anyway) until the transaction ends."""
     row = await email_settings.own(ctx.conn, ctx.owner_id, domain, lock)
-    if row is None:
-        raise NotFound("email settings", [domain])
-    return row
+    return _found(row, "email settings", domain)
 
 
 def _check_host(ctx: Context, host: str) -> None:
@@ -234,10 +240,7 @@ def _user_out(row: Any, hour: int) -> s.SmtpUser:
 
 
 async def _own_user(ctx: Context, name: str) -> Row[Any]:
-    row = await users.own(ctx.conn, ctx.owner_id, name)
-    if row is None:
-        raise NotFound("SMTP user", [name])
-    return row
+    return _found(await users.own(ctx.conn, ctx.owner_id, name), "SMTP user", name)
 
 
 @router.command("settings.smtp_user.add", "owner", secret=True)
@@ -324,10 +327,7 @@ def _channel_out(row: Any) -> s.Channel:
 
 
 async def own_channel(ctx: Context, name: str) -> Row[Any]:
-    row = await channels.own(ctx.conn, ctx.owner_id, name)
-    if row is None:
-        raise NotFound("channel", [name])
-    return row
+    return _found(await channels.own(ctx.conn, ctx.owner_id, name), "channel", name)
 
 
 @router.command("settings.channel.put", "owner")
