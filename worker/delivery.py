@@ -44,8 +44,7 @@ from worker.mail.relay import Relay, SmtpPool, relay_of
 from worker.metrics import Metrics
 from worker.outcomes import EmailOutcome, Settlement, StoreRetry, Unclaimed, settle_as
 from worker.security import Keyring
-from worker.store import Row, Store, channels, emails, tickets
-from worker.store import settings as email_settings
+from worker.store import Row, Store, emails
 
 log = structlog.get_logger("worker.delivery")
 
@@ -220,63 +219,60 @@ class DeliveryConsumer:
         `saturated`: its relay, shared with another domain, has no free connection); the
         email's row when it was sent or failed before; FAILED when it cannot be composed."""
         async with self.store.transaction() as conn:
-            email = (await emails.get_many(conn, [email_id])).get(email_id)
+            email = await emails.to_send(conn, email_id)
             if email is None:
                 return "missing"
             if email.status in ("sent", "failed"):
                 return email
-            settings = await email_settings.own(conn, email.owner_id, email.domain)
             relay = None
-            if settings is not None:
+            if email.settings_id is not None:
                 password = (
-                    self.keyring.decrypt(settings.auth_pass_enc) if settings.auth_pass_enc else None
+                    self.keyring.decrypt(email.auth_pass_enc) if email.auth_pass_enc else None
                 )
-                relay = relay_of(settings, password, self.settings.relay_allow)
+                relay = relay_of(email, password, self.settings.relay_allow)
                 # The lease is taken only once a connection is there to send it with.
                 if not self.pool.has_free_connection(relay):
                     return "saturated"
-            if email_id not in await emails.claim(conn, [email_id], now, LEASE):
+            if not await emails.claim_one(conn, email_id, now, LEASE):
                 status = (await emails.statuses(conn, [email_id])).get(email_id)
                 return "busy" if status == "pending" else "done"
-            ticket = await tickets.get(conn, email.sid)
-            prefix = await channels.subject_prefix(conn, email.owner_id, ticket.channel)
-            hit = None
-            if email.seq is not None:
-                hit = await tickets.get_hit(conn, email.sid, email.seq)
-        if settings is None or relay is None:
+        if relay is None:
             return await self._finish_without_job(email, f"no email settings for {email.domain}")
+        if email.seq is not None and email.hit_seq is None:
+            return await self._finish_without_job(email, "the hit was pruned before it was sent")
         # The ticket's Message-ID is fixed when it is created (NULL only on a ticket older than the
         # column whose first email is gone); its channel may have moved to another domain since.
-        thread_domain = ticket.thread_domain or email.domain
+        thread_domain = email.thread_domain or email.domain
+        prefix = email.subject_prefix
         common = {
-            "sid": ticket.sid,
-            "sender": settings.sender,
+            "sid": email.sid,
+            "sender": email.sender,
             "recipients": email.recipients,
-            "subject_prefix": prefix if prefix is not None else f"[{ticket.channel}]",
-            "title": ticket.title,
+            "subject_prefix": prefix if prefix is not None else f"[{email.channel}]",
+            "title": email.title,
         }
         try:
-            if hit is None:
-                message_id = ticket_message_id(ticket.sid, thread_domain)
+            if email.seq is None:
+                message_id = ticket_message_id(email.sid, thread_domain)
                 message = ticket_email(
                     **common,
                     domain=thread_domain,
-                    body=ticket.body,
-                    severity=ticket.severity,
-                    created_at=ticket.created_at,
+                    body=email.ticket_body,
+                    severity=email.severity,
+                    created_at=email.ticket_created_at,
                 )
             else:
-                message_id = hit_message_id(ticket.sid, hit.seq, email.domain)
+                message_id = hit_message_id(email.sid, email.hit_seq, email.domain)
                 message = hit_email(
                     **common,
                     domain=email.domain,
                     thread_domain=thread_domain,
-                    seq=hit.seq,
-                    summary=hit.summary,
-                    body=hit.body,
-                    created_at=hit.created_at,
+                    seq=email.hit_seq,
+                    summary=email.hit_summary,
+                    body=email.hit_body,
+                    created_at=email.hit_created_at,
                 )
-            envelope_sender = split_mailbox(settings.sender).address
+            envelope_sender = split_mailbox(email.sender).address
         except ValueError as exc:
             # Text stored before today's rules (a `from` they refuse, a line break in a title):
             # sending it could not be right, and retrying would not change it.
