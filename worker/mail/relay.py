@@ -703,28 +703,48 @@ def _clean(text: str) -> str:
 
 def _quotes(text: str, password: str) -> bool:
     """True when `text` holds `password` plain, base64-encoded (at any alignment, as inside
-    AUTH PLAIN), hex-encoded or URL-encoded, in any case, whatever whitespace, line breaks or
-    control characters split it."""
+    AUTH PLAIN), hex-encoded or URL-encoded (once or twice), in any case (of the password, or of
+    its encoding), whatever whitespace, line breaks, control characters or punctuation split
+    it."""
     forms = _password_forms(password)
-    views = {_squash(view) for view in (text, unquote(text), unquote_plus(text))}
-    return any(form in view for form in forms for view in views)
+    once = unquote(text)
+    raw = {text, once, unquote(once), unquote_plus(text)}
+    views = {_squash(view) for view in raw}
+    if any(form in view for form in forms for view in views):
+        return True
+    # Split by punctuation (`ab, cd`, hex as `de:ad:be:ef`): the letters and digits alone, for
+    # the forms long enough that finding them so is no accident.
+    letters = {_alnum(view) for view in raw}
+    return any(
+        form in view for form in map(_alnum, forms) if len(form) >= _ALNUM_MIN for view in letters
+    )
+
+
+# Letters and digits a form must keep, once its punctuation is gone, to be looked for so.
+_ALNUM_MIN = 8
 
 
 def _password_forms(password: str) -> set[str]:
-    secret = password.encode()
-    forms = {_squash(password), secret.hex()}
-    for encode in (base64.b64encode, base64.urlsafe_b64encode):
-        for offset in range(3):
-            # The characters that encode the password's bits alone, whatever comes before it.
-            encoded = encode(b"\0" * offset + secret + b"\0\0").decode()
-            first, end = (8 * offset + 5) // 6, (8 * (offset + len(secret))) // 6
-            forms.add(encoded[first:end].casefold())
+    forms: set[str] = set()
+    for variant in {password, password.upper(), password.lower()}:
+        secret = variant.encode()
+        forms |= {_squash(variant), secret.hex()}
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            for offset in range(3):
+                # The characters that encode the password's bits alone, whatever comes before.
+                encoded = encode(b"\0" * offset + secret + b"\0\0").decode()
+                first, end = (8 * offset + 5) // 6, (8 * (offset + len(secret))) // 6
+                forms.add(encoded[first:end].casefold())
     forms.discard("")
     return forms
 
 
 def _squash(text: str) -> str:
     return "".join(_INVISIBLE.sub("", text).split()).casefold()
+
+
+def _alnum(text: str) -> str:
+    return "".join(ch for ch in text.casefold() if ch.isalnum())
 
 
 def _cause(exc: BaseException) -> BaseException | None:
