@@ -13,14 +13,18 @@ command's model raises BadReply, so `reply.data` is what its type says.
 from __future__ import annotations
 
 import enum
+import json
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar, cast
 
+import pydantic
 from pydantic import BaseModel
 
-from schemas import ErrorReply, OwnerAuth, Reply, SuccessReply, UserAuth
+from schemas import ErrorReply, OwnerAuth, Reply, SuccessReply, UserAuth, parse_reply
 from schemas import settings as s
 from schemas import tickets as t
+from worker.client.errors import BadReply
 
 D = TypeVar("D", bound=BaseModel)
 Owner = OwnerAuth | Mapping[str, Any]
@@ -36,12 +40,28 @@ UNSET = Unset.UNSET
 """The default of every optional field: left out of `data`."""
 
 
+def _plain(value: Any) -> Any:
+    """`value` as JSON-ready data; models give the fields that were set, by their wire names."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value
+
+
 def _data(**fields: Any) -> dict[str, Any]:
     return {key.rstrip("_"): value for key, value in fields.items() if value is not UNSET}
 
 
 class Commands:
-    """The typed shortcuts; `Client` supplies `_call`."""
+    """The typed shortcuts, over a command's body and its reply's parsing; `Client` supplies
+    `_request`, which carries the bytes."""
+
+    async def _request(self, type_: str, body: bytes, message_id: str, timeout: float) -> bytes:
+        """The reply's bytes to the command `body`, routed by `type_`."""
+        raise NotImplementedError
 
     async def _call(
         self,
@@ -53,7 +73,16 @@ class Commands:
         *,
         lenient: bool,
     ) -> Reply:
-        raise NotImplementedError
+        body: dict[str, Any] = {"type": type_, "auth": _plain(auth)}
+        if data is not None:
+            body["data"] = _plain(data)
+        raw = await self._request(
+            type_, json.dumps(body).encode(), message_id or uuid.uuid4().hex, timeout
+        )
+        try:
+            return parse_reply(type_, raw, lenient=lenient)
+        except pydantic.ValidationError as exc:
+            raise BadReply(f"the reply to {type_} does not match the contract") from exc
 
     async def _typed(
         self,

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import socket
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -38,11 +37,10 @@ from aiormq.exceptions import (
     PublishError,
 )
 
-from schemas import Event, Reply, parse_event, parse_reply
+from schemas import Event, Reply, parse_event
 from worker.broker import Names
 from worker.client.commands import Commands
 from worker.client.errors import (
-    BadReply,
     BrokerUnreachable,
     ConnectionLost,
     NoReply,
@@ -77,18 +75,29 @@ def _alive(connection: AbstractConnection) -> bool:
     return not connection.is_closed and connection.connected.is_set()
 
 
-def _plain(value: Any) -> Any:
-    """`value` as JSON-ready data; models give the fields that were set, by their wire names."""
-    if isinstance(value, pydantic.BaseModel):
-        return value.model_dump(mode="json", by_alias=True, exclude_unset=True)
-    if isinstance(value, Mapping):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(item) for item in value]
-    return value
+class _Opened:
+    """`async with` opens it (`_open`) and closes it."""
+
+    async def _open(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self._open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
 
 
-class Client(Commands):
+class Client(Commands, _Opened):
     """A connection to the worker's broker, as an upstream service uses it.
 
     async with Client("amqp://guest:guest@localhost:5672/", prefix="smtp") as client:
@@ -121,17 +130,8 @@ class Client(Commands):
         self._lock = asyncio.Lock()
         self._closed = False
 
-    async def __aenter__(self) -> Self:
+    async def _open(self) -> None:
         await self.connect()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def connect(self) -> None:
         """Opens the connection now rather than at the first call; BrokerUnreachable if no node
@@ -173,27 +173,6 @@ class Client(Commands):
         when no queue takes the type.
         """
         return await self._call(type, auth, data, message_id, timeout, lenient=True)
-
-    async def _call(
-        self,
-        type_: str,
-        auth: Any,
-        data: Any,
-        message_id: str | None,
-        timeout: float,
-        *,
-        lenient: bool,
-    ) -> Reply:
-        body: dict[str, Any] = {"type": type_, "auth": _plain(auth)}
-        if data is not None:
-            body["data"] = _plain(data)
-        raw = await self._request(
-            type_, json.dumps(body).encode(), message_id or uuid.uuid4().hex, timeout
-        )
-        try:
-            return parse_reply(type_, raw, lenient=lenient)
-        except pydantic.ValidationError as exc:
-            raise BadReply(f"the reply to {type_} does not match the contract") from exc
 
     async def _request(self, type_: str, body: bytes, message_id: str, timeout: float) -> bytes:
         lost: BaseException | None = None
@@ -350,7 +329,7 @@ class Client(Commands):
         return channel, queue
 
 
-class EventStream:
+class EventStream(_Opened):
     """Typed events of `P.events`, from a queue of the stream's own that lives as long as it.
 
     async with client.events("ticket.*", "hit.*") as events:
@@ -371,17 +350,8 @@ class EventStream:
         self._last: AbstractIncomingMessage | None = None
         self._closed = False
 
-    async def __aenter__(self) -> Self:
+    async def _open(self) -> None:
         await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def __aiter__(self) -> Self:
         return self
