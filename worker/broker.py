@@ -32,9 +32,11 @@ channel it closes over one reply) costs no event or email job its publishing.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -85,6 +87,11 @@ STARTUP_CONNECT_TIMEOUT = 30.0
 # The delay queues a parked job waits in (its owner or relay had no turn for it soon:
 # worker.gate), each job in the one that matches its place in its relay's line.
 PARK_DELAYS = (1.0, 2.0, 5.0, 10.0)
+# Replies to direct reply-to tokens of other nodes (Broker._reply_elsewhere): their connection is
+# opened again at most this often, and a node found not running is taken for down this long.
+ELSEWHERE_REOPEN_EVERY = 1.0
+NODE_DOWN_FOR = 10.0
+NODES_DOWN_KEPT = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +152,10 @@ async def settle(action: Awaitable[Any], event: str) -> None:
         structlog.get_logger("worker.broker").warning(event)
 
 
+class _ElsewhereCooling(Exception):
+    """The connection for other nodes' replies was lost a moment ago: not opened again yet."""
+
+
 class Broker:
     """One robust connection; confirming channels to publish; one channel per consumer."""
 
@@ -166,6 +177,10 @@ class Broker:
         # (see publish_reply), opened when first needed.
         self._elsewhere: tuple[AbstractConnection | None, AbstractChannel | None] = (None, None)
         self._elsewhere_lock = asyncio.Lock()
+        self._elsewhere_opened = -ELSEWHERE_REOPEN_EVERY  # time.monotonic() of the last opening
+        self._elsewhere_in_flight: collections.Counter[str] = collections.Counter()
+        # Nodes whose tokens alone, in flight on it, cost that connection: not running.
+        self._nodes_down: dict[str, float] = {}
         self._name = f"smtp-worker {socket.gethostname()}:{os.getpid()}"
 
     async def connect(self) -> None:
@@ -400,7 +415,7 @@ class Broker:
         # since the command was accepted) goes out apart: see worker.reply_to.
         node = reply_names.token_node(reply_to)
         if node is not None and node != await self.reply_node():
-            await self._reply_elsewhere(reply_to, message)
+            await self._reply_elsewhere(reply_to, node, message)
             return
         self._require_connection()
         try:
@@ -431,22 +446,50 @@ class Broker:
         except _publish_errors() as exc:
             raise BrokerUnavailable("publish of a reply failed") from exc
 
-    async def _reply_elsewhere(self, reply_to: str, message: aio_pika.Message) -> None:
+    async def _reply_elsewhere(self, reply_to: str, node: str, message: aio_pika.Message) -> None:
         """Publishes a reply to a direct reply-to token of another node on a connection kept for
         such replies. The broker routes it while that node runs; otherwise it closes the whole
         connection (worker.reply_to): then this reply, and any other such reply in flight with
-        it, is dropped with a `reply.dropped` line, and the next one opens a new connection."""
+        it, is dropped with a `reply.dropped` line, and a later one opens a new connection.
+
+        What a flood of tokens naming nodes that do not run may cost is bounded: a node whose
+        tokens alone were in flight when the connection closed is taken for down for
+        NODE_DOWN_FOR, its replies dropped at once; and the connection is opened again at most
+        every ELSEWHERE_REOPEN_EVERY, a reply that would need it sooner being dropped."""
+        now = time.monotonic()
+        if self._nodes_down.get(node, 0.0) > now:
+            log.warning("reply.dropped", reason="token of a node that is not running")
+            return
+        self._elsewhere_in_flight[node] += 1
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT):
                 channel = await self._elsewhere_channel()
                 await channel.default_exchange.publish(message, reply_to, mandatory=False)
+        except _ElsewhereCooling:
+            log.warning("reply.dropped", reason="token of another node, connection cooling down")
         except _publish_errors() as exc:
+            if set(self._elsewhere_in_flight) == {node}:
+                self._node_down(node, now)
             log.warning("reply.dropped", reason="token of another node", error=type(exc).__name__)
+        finally:
+            self._elsewhere_in_flight[node] -= 1
+            if not self._elsewhere_in_flight[node]:
+                del self._elsewhere_in_flight[node]
+
+    def _node_down(self, node: str, now: float) -> None:
+        if len(self._nodes_down) >= NODES_DOWN_KEPT:
+            self._nodes_down = {n: t for n, t in self._nodes_down.items() if t > now}
+            if len(self._nodes_down) >= NODES_DOWN_KEPT:
+                self._nodes_down.pop(next(iter(self._nodes_down)))
+        self._nodes_down[node] = now + NODE_DOWN_FOR
 
     async def _elsewhere_channel(self) -> AbstractChannel:
         async with self._elsewhere_lock:
             connection, channel = self._elsewhere
             if channel is None or channel.is_closed or connection is None or connection.is_closed:
+                if time.monotonic() - self._elsewhere_opened < ELSEWHERE_REOPEN_EVERY:
+                    raise _ElsewhereCooling
+                self._elsewhere_opened = time.monotonic()
                 if connection is not None and not connection.is_closed:
                     await connection.close()
                 assert isinstance(self.connection, ClusterConnection)
@@ -457,6 +500,7 @@ class Broker:
                 )
                 channel = await connection.channel(publisher_confirms=True)
                 self._elsewhere = (connection, channel)
+                log.info("broker.replies_connection_opened")
             return channel
 
     def _require_connection(self) -> None:
