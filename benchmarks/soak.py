@@ -46,20 +46,13 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from benchmarks.parties import (
-    AMQP_URL,
-    POSTGRES_URL,
-    WorkerProcess,
-    create_owner,
-    delete_topology,
-    free_port,
-    queue_counts,
-    start_worker,
-    stop_workers,
-    wait_ready,
-    worker_env,
-)
+from benchmarks.parties import AMQP_URL, POSTGRES_URL, start_workers, worker_variables
+from tests.support.broker import delete_topology, queue_counts, wait_consumed
+from tests.support.commandline import create_owner
 from tests.support.databases import create_database, drop_database
+from tests.support.processes import WorkerProcess, stop_workers
+from tests.support.smtp_servers import closed_port
+from tests.support.tenants import set_up_tenant
 from worker.broker import Names
 
 CHANNELS = 4
@@ -100,7 +93,7 @@ class CountingRelay:
     def __init__(self) -> None:
         self.received: Counter[bytes] = Counter()
         self._lock = threading.Lock()
-        self.port = free_port()
+        self.port = closed_port()  # free: the controller listens on it
         self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
 
     # aiosmtpd's hook names are fixed.
@@ -329,19 +322,16 @@ class Soak:
     async def __aenter__(self) -> Soak:
         self.database_url = await create_database(POSTGRES_URL, "smtpw_soak")
         await asyncio.to_thread(self.relay.start)
-        self.env = worker_env(self.prefix, self.database_url, secrets.token_urlsafe(32))
-        self.procs = [
-            start_worker(self.env, self.logs / f"worker-{n + 1}.log") for n in range(self.workers)
-        ]
+        self.variables = worker_variables(self.prefix, self.database_url, secrets.token_urlsafe(32))
+        self.procs = start_workers(self.variables, self.logs, self.workers)
         self.connection = await aio_pika.connect_robust(AMQP_URL)
         self.engine = create_async_engine(self.database_url)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         for proc in self.procs:
-            if proc.process.poll() is None:
-                proc.process.kill()
-                await asyncio.to_thread(proc.process.wait)
+            if proc.running:
+                proc.kill()
         await delete_topology(self.connection, self.names)
         await self.connection.close()
         await self.engine.dispose()
@@ -350,8 +340,8 @@ class Soak:
 
     async def set_up(self) -> Mix:
         """Waits for the workers; an owner, its domain, channels and SMTP users."""
-        await wait_ready(self.connection, self.names, self.procs)
-        owner = await asyncio.to_thread(create_owner, self.env, "soak")
+        await wait_consumed(self.connection, self.names, self.procs)
+        owner = await create_owner("soak", self.logs, **self.variables)
         channel = await self.connection.channel(publisher_confirms=True)
         # The worker replies to neither `amq.gen-…` nor `P.…` queues.
         reply_queue = await channel.declare_queue(
@@ -361,24 +351,16 @@ class Soak:
         driver = Driver(channel, exchange, reply_queue.name, self.in_flight)
         await reply_queue.consume(driver.on_reply, no_ack=True)
         domain = f"{self.prefix}.example.com"
-        options = {"host": "127.0.0.1", "port": self.relay.port, "starttls": "never"}
-        await driver.ok(
-            "settings.email.create",
+        users = await set_up_tenant(
+            driver.ok,
             owner,
-            {"domain": domain, "provider": "smtp", "from": f"alerts@{domain}", "options": options},
+            domain,
+            {"host": "127.0.0.1", "port": self.relay.port, "starttls": "never"},
+            sender=f"alerts@{domain}",
+            channels={f"c{n}": [f"oncall{n}@example.com"] for n in range(CHANNELS)},
+            limits={"total_limit": 10**9, "hourly_limit": 10**9},
+            users=USERS,
         )
-        for n in range(CHANNELS):
-            await driver.ok(
-                "settings.channel.put",
-                owner,
-                {"name": f"c{n}", "domain": domain, "recipients": [f"oncall{n}@example.com"]},
-            )
-        users = []
-        for _ in range(USERS):
-            user = await driver.ok(
-                "settings.smtp_user.add", owner, {"total_limit": 10**9, "hourly_limit": 10**9}
-            )
-            users.append({"login": user["smtp_user_name"], "password": user["smtp_password"]})
         driver.tally = Tally()
         return Mix(driver, owner, users, domain)
 
@@ -500,7 +482,7 @@ class Soak:
             print(
                 f"  worker {n}: RSS {(end - warm) / 1024:+.1f} MiB from {WARM_UP} to the end "
                 f"({(end - warm) / 1024 / (self.commands / 2000):+.2f} per 1000 commands; "
-                f"allowed {allowed / 1024:.1f}); {proc.log_lines()} log lines at WARNING+"
+                f"allowed {allowed / 1024:.1f}); {len(proc.text_lines())} log lines at WARNING+"
             )
             if end - warm > allowed:
                 failures.append(f"worker {n} memory grew by {(end - warm) / 1024:.1f} MiB")

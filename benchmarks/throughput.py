@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -64,18 +65,16 @@ import aiosmtplib
 from benchmarks.parties import (
     AMQP_URL,
     POSTGRES_URL,
-    WorkerProcess,
-    cpu_seconds,
-    create_owner,
-    delete_topology,
-    start_worker,
-    stop_workers,
-    wait_ready,
+    start_workers,
     worker_command,
-    worker_env,
+    worker_variables,
 )
 from benchmarks.sink import read_sink
+from tests.support.broker import delete_topology, wait_consumed
+from tests.support.commandline import create_owner
 from tests.support.databases import create_database, drop_database
+from tests.support.processes import WorkerProcess, cpu_seconds, stop_workers
+from tests.support.tenants import set_up_tenant
 from worker.broker import Names
 
 REPLY_TIMEOUT = 60.0
@@ -284,13 +283,13 @@ class Bench:
         names = Names(prefix)
         procs: list[WorkerProcess] = []
         async with self.database(store, prefix) as database_url:
-            env = worker_env(prefix, database_url, secrets.token_urlsafe(32))
+            variables = worker_variables(prefix, database_url, secrets.token_urlsafe(32))
             try:
-                await asyncio.to_thread(worker_command, env, "migrate")
-                procs = [start_worker(env, self.tmp / f"{prefix}-{n}.log") for n in range(count)]
-                await wait_ready(self.connection, names, procs)
+                await worker_command(variables, self.tmp, "migrate")
+                procs = start_workers(variables, self.tmp, count)
+                await wait_consumed(self.connection, names, procs)
                 exchange = await client.channel.get_exchange(names.commands, ensure=False)
-                await self.measure(client, exchange, env, ports, procs, store)
+                await self.measure(client, exchange, variables, ports, procs, store)
             finally:
                 codes = await stop_workers(procs)
                 await delete_topology(self.connection, names)
@@ -301,35 +300,24 @@ class Bench:
         self,
         client: Client,
         exchange: aio_pika.abc.AbstractExchange,
-        env: dict[str, str],
+        variables: dict[str, str],
         ports: tuple[int, int],
         procs: list[WorkerProcess],
         store: str,
     ) -> None:
         o, workers = self.options, len(procs)
         smtp_port, control_port = ports
-        owner = await asyncio.to_thread(create_owner, env, "bench")
-        domain = f"{env['SMTP_WORKER_PREFIX']}.example.com"
-        options = {"host": "127.0.0.1", "port": smtp_port, "starttls": "never"}
-        await client.ok(
-            exchange,
-            "settings.email.create",
+        owner = await create_owner("bench", self.tmp, **variables)
+        domain = f"{variables['prefix']}.example.com"
+        (auth,) = await set_up_tenant(
+            functools.partial(client.ok, exchange),
             owner,
-            {"domain": domain, "provider": "smtp", "from": f"alerts@{domain}", "options": options},
+            domain,
+            {"host": "127.0.0.1", "port": smtp_port, "starttls": "never"},
+            sender=f"alerts@{domain}",
+            channels={"ops": ["oncall@example.com"]},
+            limits={"total_limit": 10**9, "hourly_limit": 10**9},
         )
-        await client.ok(
-            exchange,
-            "settings.channel.put",
-            owner,
-            {"name": "ops", "domain": domain, "recipients": ["oncall@example.com"]},
-        )
-        user = await client.ok(
-            exchange,
-            "settings.smtp_user.add",
-            owner,
-            {"total_limit": 10**9, "hourly_limit": 10**9},
-        )
-        auth = {"login": user["smtp_user_name"], "password": user["smtp_password"]}
 
         def get(i: int) -> bytes:
             return command("settings.channel.get", owner, {"name": "ops"})

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Env, unique_domain
+from tests.support.environment import Env
 from tests.support.payloads import email_settings
+from tests.support.tenants import unique_domain
 
 Owner = dict[str, str]
 # What a test case sends: the command's `type` and its body, built from a world of one owner
@@ -38,11 +39,6 @@ async def send(env: Env, type_: str, body: dict[str, Any]) -> dict[str, Any]:
     message = await env.client.call_raw(json.dumps(body).encode(), type_)
     reply: dict[str, Any] = json.loads(message.body)
     return reply
-
-
-@pytest.fixture
-async def owner(env: Env) -> Owner:
-    return await env.new_owner()
 
 
 @pytest.fixture

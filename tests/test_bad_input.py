@@ -17,7 +17,9 @@ from typing import Any
 import aio_pika
 import pytest
 
-from tests.conftest import Client, Env, delete_topology, make_settings, unique_domain
+from tests.support.client import Client
+from tests.support.environment import Env, running_env
+from tests.support.tenants import unique_domain
 from worker import consumer
 from worker.broker import DELIVERY_LIMIT
 from worker.handlers.base import Context, Spec
@@ -69,31 +71,23 @@ def shared_database_url(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="module")
 async def world(amqp_url: str, shared_database_url: str) -> AsyncIterator[World]:
     """One worker for the module: each test reads only what it sent, so they can share it."""
-    settings = make_settings(amqp_url, shared_database_url)
-    env = Env(amqp_url, shared_database_url, settings, client=None)  # type: ignore[arg-type]
-    await env.start_worker()
-    env.client = await Client.connect(settings)
-    owner, other, domain = (
-        await env.new_owner("first"),
-        await env.new_owner("second"),
-        unique_domain(),
-    )
-    await env.client.ok(
-        "settings.email.create",
-        owner,
-        {
-            "domain": domain,
-            "provider": "smtp",
-            "from": f"alerts@{domain}",
-            "options": {"host": "127.0.0.1", "port": 2525},
-        },
-    )
-    yield World(env, owner, other, domain)
-    await env.client.close()
-    for worker in env.workers:
-        await worker.stop()
-    await env.store.close()
-    await delete_topology(amqp_url, settings)
+    async with running_env(amqp_url, shared_database_url) as env:
+        owner, other, domain = (
+            await env.new_owner("first"),
+            await env.new_owner("second"),
+            unique_domain(),
+        )
+        await env.client.ok(
+            "settings.email.create",
+            owner,
+            {
+                "domain": domain,
+                "provider": "smtp",
+                "from": f"alerts@{domain}",
+                "options": {"host": "127.0.0.1", "port": 2525},
+            },
+        )
+        yield World(env, owner, other, domain)
 
 
 # --- unreadable: ValidationError, rejected into P.dead ------------------------------------------

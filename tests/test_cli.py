@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LOG_LINES, SECRET_KEY, SECRETS, Env
 from tests.support.commandline import smtp_worker, spawn
+from tests.support.environment import Env
+from tests.support.logs import PROCESS_LINES, SECRET_KEY, SECRETS
 
 ON_SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
@@ -178,7 +179,7 @@ async def test_events_prints_each_event_as_a_json_line_until_stopped_then_exits_
         printed = [json.loads(await _line(process.stdout)) for _ in range(2)]
         process.send_signal(stop)
         code = await asyncio.wait_for(process.wait(), 20)
-        LOG_LINES.extend((await process.stderr.read()).decode().splitlines())
+        PROCESS_LINES.extend((await process.stderr.read()).decode().splitlines())
     finally:
         if process.returncode is None:
             process.kill()

@@ -17,11 +17,13 @@ from schemas import COMMANDS, REPLY_MODELS, ErrorReply, SuccessReply, UserAuth
 from schemas import events as e
 from schemas import settings as s
 from schemas import tickets as t
-from tests.conftest import Env, remember_secrets, unique_domain
+from tests.support.environment import Env
+from tests.support.logs import remember_secrets
 from tests.support.payloads import relay_options
+from tests.support.polling import eventually
 from tests.support.proxy import Proxy
 from tests.support.smtp_servers import SmtpServer, closed_port
-from tests.support.world import eventually
+from tests.support.tenants import unique_domain
 from worker.client import (
     UNSET,
     BrokerUnreachable,
@@ -39,12 +41,6 @@ RECIPIENTS = ["oncall@example.com", "ops@example.org"]
 async def client(env: Env) -> AsyncIterator[Client]:
     async with Client(env.amqp_url, prefix=env.settings.prefix) as opened:
         yield opened
-
-
-@pytest.fixture
-async def smtp() -> AsyncIterator[SmtpServer]:
-    async with SmtpServer() as server:
-        yield server
 
 
 def ok(reply: SuccessReply[Any] | ErrorReply) -> Any:
@@ -195,9 +191,8 @@ async def test_a_refused_command_is_an_error_reply_not_an_exception(
 
 @ON_SQLITE
 async def test_an_optional_field_left_out_is_not_sent_and_none_is_sent_as_null(
-    env: Env, client: Client, domain: str
+    client: Client, owner: dict[str, str], domain: str
 ) -> None:
-    owner = await env.new_owner()
     options = {"host": "smtp.example.com", "port": 587}
     from_ = f"alerts@{domain}"
     ok(
@@ -235,9 +230,8 @@ async def test_call_returns_an_error_reply_for_wrong_credentials(env: Env, clien
 
 @ON_SQLITE
 async def test_call_sends_a_model_as_the_fields_that_were_set(
-    env: Env, client: Client, domain: str
+    client: Client, owner: dict[str, str], domain: str
 ) -> None:
-    owner = await env.new_owner()
     options = {"host": "smtp.example.com", "port": 587}
     ok(await client.call("settings.email.create", owner, {"domain": domain, "provider": "smtp",
                                                           "from": f"alerts@{domain}",

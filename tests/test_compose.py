@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import ROOT, Env
+from tests.support import ROOT
+from tests.support.environment import Env
 from worker.app import Worker
 from worker.config import Settings
 

@@ -9,16 +9,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
-import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import aio_pika
 import pytest
 
-from tests.conftest import Env, remember_secrets, unique_domain
+from tests.support.commandline import smtp_worker as run
+from tests.support.environment import Env
+from tests.support.logs import remember_secrets
 from tests.support.payloads import email_settings
+from tests.support.tenants import unique_domain
 from worker.handlers.base import Context
 
 # P.dead is the broker's business: one store is enough.
@@ -29,23 +31,15 @@ Message = aio_pika.abc.AbstractIncomingMessage
 
 async def smtp_worker(env: Env, *args: str, prefix: str | None = None) -> tuple[int, str, str]:
     """Runs `smtp-worker ARGS` on the test's broker and prefix: exit code, stdout, stderr."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
+    ran = await run(
         *args,
-        env={
-            **os.environ,
-            "SMTP_WORKER_AMQP_URL": env.amqp_url,
-            "SMTP_WORKER_PREFIX": prefix or env.settings.prefix,
-            "SMTP_WORKER_LOG_LEVEL": "WARNING",
-        },
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        cwd=Path.cwd(),
+        timeout=60,
+        amqp_url=env.amqp_url,
+        prefix=prefix or env.settings.prefix,
+        log_level="WARNING",
     )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    return ran.code, ran.stdout, ran.stderr
 
 
 async def dead_list(env: Env, *args: str) -> list[dict[str, Any]]:
@@ -362,15 +356,20 @@ async def test_replay_keeps_the_properties_and_drops_the_death_headers(env):
     assert set() == {k for k in headers if "death" in k}
 
 
+async def replay_a_dead_job(env: Env, queue: str, body: bytes, message_id: str) -> tuple[int, Any]:
+    """A job `queue`'s consumer dead-letters, then `dead replay` with the worker stopped."""
+    await env.client.channel.default_exchange.publish(
+        aio_pika.Message(body, message_id=message_id), routing_key=queue
+    )
+    await wait_depth(env, env.client.names.dead, 1)
+    await stop_worker(env)
+    return await dead_replay(env)
+
+
 async def test_replay_sends_an_email_job_back_to_the_deliveries_queue(env):
     names = env.client.names
-    await env.client.channel.default_exchange.publish(
-        aio_pika.Message(b"no email_id here", message_id="job-1"), routing_key=names.deliveries
-    )
-    await wait_depth(env, names.dead, 1)
-    await stop_worker(env)
 
-    code, summary = await dead_replay(env)
+    code, summary = await replay_a_dead_job(env, names.deliveries, b"no email_id here", "job-1")
 
     assert (0, 1) == (code, summary["replayed"])
     assert ["job-1"] == [m.message_id for m in await take(env, names.deliveries)]
@@ -379,13 +378,8 @@ async def test_replay_sends_an_email_job_back_to_the_deliveries_queue(env):
 
 async def test_replay_sends_a_probe_job_back_to_the_probes_queue(env):
     names = env.client.names
-    await env.client.channel.default_exchange.publish(
-        aio_pika.Message(b"no probe here", message_id="probe-1"), routing_key=names.probes
-    )
-    await wait_depth(env, names.dead, 1)
-    await stop_worker(env)
 
-    code, summary = await dead_replay(env)
+    code, summary = await replay_a_dead_job(env, names.probes, b"no probe here", "probe-1")
 
     assert (0, 1) == (code, summary["replayed"])
     # A quorum queue with a single active consumer refuses basic.get: its depth says it is back.

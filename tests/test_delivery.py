@@ -9,34 +9,30 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
 import pytest
 
-from tests.conftest import LOG_LINES, Env
+from tests.support.environment import Env
+from tests.support.logs import log_lines
+from tests.support.payloads import relay_options
+from tests.support.polling import eventually
 from tests.support.smtp_servers import (
     DROP,
     SmtpServer,
     Tls,
     closed_port,
-    multiline,
-    password_echoes,
+    echoing_answers,
     password_leaks,
 )
-from tests.support.world import BIG_LIMITS, World, configure, eventually, relay_options
+from tests.support.tenants import BIG_LIMITS
+from tests.support.world import World, configure
 from worker.mail.relay import NO_CONNECTION
 
 ATTEMPTS = 3  # len(RETRY_DELAYS) + 1
 SENT_KEYS = {"sid", "seq", "recipients", "message_id", "attempts"}
 FAILED_KEYS = {"sid", "seq", "error", "permanent", "attempts"}
-
-
-@pytest.fixture
-async def smtp() -> AsyncIterator[SmtpServer]:
-    async with SmtpServer() as server:
-        yield server
 
 
 async def outcome(world: World, type_: str) -> dict[str, Any]:
@@ -299,7 +295,7 @@ async def test_redelivered_job_of_a_sent_email_is_not_sent_again(env: Env, smtp:
     sid = await world.new_ticket()
     await outcome(world, "email.sent")
     (email_id,) = await world.email_ids(sid)
-    seen = len(LOG_LINES)
+    seen = len(log_lines())
 
     await env.client.channel.default_exchange.publish(
         aio_pika.Message(json.dumps({"email_id": email_id}).encode()),
@@ -307,7 +303,7 @@ async def test_redelivered_job_of_a_sent_email_is_not_sent_again(env: Env, smtp:
     )
 
     async def processed() -> bool:
-        return any(_is_done(line, email_id) for line in LOG_LINES[seen:])
+        return any(_is_done(line, email_id) for line in log_lines(seen))
 
     await eventually(processed)
     assert 1 == len(smtp.messages)
@@ -324,7 +320,7 @@ async def test_copies_of_one_job_sent_at_once_send_the_email_once(env: Env, smtp
     sid = await world.new_ticket()
     (email_id,) = await world.email_ids(sid)
     copies = 20
-    seen = len(LOG_LINES)
+    seen = len(log_lines())
     for _ in range(copies):
         await env.client.channel.default_exchange.publish(
             aio_pika.Message(json.dumps({"email_id": email_id}).encode()),
@@ -332,7 +328,7 @@ async def test_copies_of_one_job_sent_at_once_send_the_email_once(env: Env, smtp
         )
 
     async def all_finished() -> bool:
-        finished = [_outcome(line, email_id) in ("sent", "done") for line in LOG_LINES[seen:]]
+        finished = [_outcome(line, email_id) in ("sent", "done") for line in log_lines(seen)]
         return sum(finished) >= copies
 
     await eventually(all_finished)
@@ -366,11 +362,8 @@ WITHHELD = "the relay's reply was withheld: it quoted the password"
 
 @pytest.mark.parametrize("command", ["AUTH", "RCPT", "DATA"])
 async def test_relay_password_echoed_by_the_relay_is_never_shown(env: Env, command: str):
-    echoes = password_echoes("relay-user", ECHOED)
-    answers: list[Any] = [multiline(554, echo) for echo in echoes.values()]
-    if command == "AUTH":
-        answers.append(lambda argument: f"535 5.7.8 you sent {argument}")  # AUTH PLAIN's
-    logged = len(LOG_LINES)
+    answers = echoing_answers(command, 554, "relay-user", ECHOED)
+    logged = len(log_lines())
     server = SmtpServer(
         auth=("relay-user", ECHOED), auth_mechanisms=["PLAIN"], script={command: answers}
     )
@@ -384,7 +377,7 @@ async def test_relay_password_echoed_by_the_relay_is_never_shown(env: Env, comma
     errors = {e["data"]["error"] for e in failed}
     errors |= {(await world.ticket(sid))["delivery"]["last_error"] for sid in sids}
     assert {f"554 {WITHHELD}", f"535 {WITHHELD}"} >= errors
-    seen = "\n".join([*LOG_LINES[logged:], *map(json.dumps, env.client.events)])
+    seen = "\n".join([*log_lines(logged), *map(json.dumps, env.client.events)])
     assert [] == password_leaks(seen, "relay-user", ECHOED)
 
 

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SECRET_KEY, Env, delete_topology, make_settings
+from tests.support.broker import delete_prefix
 from tests.support.commandline import smtp_worker
+from tests.support.environment import Env, make_settings
+from tests.support.logs import SECRET_KEY
 from tests.support.smtp_servers import SmtpServer
 
 ON_SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -48,7 +50,7 @@ async def prefix(amqp_url: str) -> AsyncIterator[str]:
     """A prefix no worker has used; its topology is deleted afterwards."""
     settings = make_settings(amqp_url, "sqlite+aiosqlite://")
     yield settings.prefix
-    await delete_topology(amqp_url, settings)
+    await delete_prefix(amqp_url, settings)
 
 
 async def test_demo_with_its_own_worker_prints_the_ticket_email_and_two_threaded_hits(

@@ -8,12 +8,11 @@ literally, on both stores.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from tests.conftest import Env, unique_domain
+from tests.support.environment import Env
 from tests.support.hostile import (
     BODY_SAFE,
     HEADER_SAFE,
@@ -26,20 +25,10 @@ from tests.support.hostile import (
 )
 from tests.support.payloads import relay_options
 from tests.support.smtp_servers import Received, SmtpServer
+from tests.support.tenants import unique_domain
 from tests.support.world import World, configure
 
 BCC_TITLE = "=?utf-8?q?=0D=0ABcc:_x@evil.example?="
-
-
-@pytest.fixture
-async def smtp() -> AsyncIterator[SmtpServer]:
-    async with SmtpServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def world(env: Env, smtp: SmtpServer) -> World:
-    return await configure(env, smtp)
 
 
 def by_sid(received: list[Received]) -> dict[tuple[str, str | None], Received]:

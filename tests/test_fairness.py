@@ -14,11 +14,13 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Env, unique_domain
+from tests.support.environment import Env
 from tests.support.payloads import email_settings
+from tests.support.polling import eventually
 from tests.support.silent_relay import SilentRelay
 from tests.support.smtp_servers import SmtpServer
-from tests.support.world import World, configure, eventually
+from tests.support.tenants import unique_domain
+from tests.support.world import World, configure
 
 FAST = 2.0  # seconds: B's commands, whatever A does
 

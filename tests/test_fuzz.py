@@ -29,8 +29,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from schemas import COMMANDS, ErrorReply, SuccessReply
-from tests.conftest import Client, Env, remember_secrets
+from tests.support.client import Client
+from tests.support.environment import Env
 from tests.support.hostile import HIT_HEADERS, TICKET_HEADERS, defects, quoted, read, text_of
+from tests.support.logs import remember_secrets
 from tests.support.smtp_servers import SmtpServer
 from tests.support.world import World, configure
 

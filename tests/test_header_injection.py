@@ -7,13 +7,9 @@ stored; nothing reaches the SMTP server.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 
-from tests.conftest import Env
-from tests.support.smtp_servers import SmtpServer
-from tests.support.world import World, configure
+from tests.support.world import World
 
 # Every character `str.splitlines()` ends a line on, and the classic smuggled header.
 LINE_BREAKS = [
@@ -35,17 +31,6 @@ TITLES = [
     ("Disk full\r\n\r\nforged body", "forged-body"),
     ("Disk full\r\n", "trailing-CRLF"),
 ]
-
-
-@pytest.fixture
-async def smtp() -> AsyncIterator[SmtpServer]:
-    async with SmtpServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def world(env: Env, smtp: SmtpServer) -> World:
-    return await configure(env, smtp)
 
 
 @pytest.mark.parametrize("title", [t for t, _ in TITLES], ids=[i for _, i in TITLES])

@@ -7,29 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import insert, update
 
-from tests.conftest import Env
-from tests.support.smtp_servers import Received, SmtpServer
-from tests.support.world import World, configure
+from tests.support.smtp_servers import Received
+from tests.support.world import World
 from worker.store.tables import hits, tickets
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-async def smtp() -> AsyncIterator[SmtpServer]:
-    async with SmtpServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def world(env: Env, smtp: SmtpServer) -> World:
-    return await configure(env, smtp)
 
 
 def hit_email(received: list[Received], seq: int) -> Received:

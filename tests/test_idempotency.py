@@ -14,12 +14,12 @@ import asyncio
 import dataclasses
 import json
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from tests.conftest import Client, Env
+from tests.support.client import Client
+from tests.support.environment import Env
 from tests.support.smtp_servers import SmtpServer
 from tests.support.world import configure
 from worker.handlers.base import Context
@@ -178,12 +178,6 @@ async def test_a_repeat_of_another_type_is_a_conflict_and_changes_nothing(env: E
     assert await user_names(env.client, owner) == [name]
     # The first command's record stands: its repeat still gets its own reply.
     assert json.loads(await send(env.client, add_user_body(owner), "one-id")) == added
-
-
-@pytest.fixture
-async def smtp() -> AsyncIterator[SmtpServer]:
-    async with SmtpServer() as server:
-        yield server
 
 
 async def test_an_smtp_user_reusing_its_owners_message_id_gets_its_own_answer(

@@ -16,10 +16,15 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SECRET_KEY, Client, Env, delete_topology, make_settings, unique_domain
+from tests.support.broker import delete_prefix
+from tests.support.client import Client
+from tests.support.commandline import environment
+from tests.support.environment import Env, make_settings, running_env
+from tests.support.logs import SECRET_KEY
+from tests.support.processes import WorkerProcess
 from tests.support.smtp_servers import SmtpServer
+from tests.support.tenants import unique_domain
 from tests.support.world import World, configure
-from tests.test_two_workers import WorkerProcess
 
 MAX_BODY = 1024 * 1024
 SMALL = 4096  # bytes: what a refusal may take, whatever it refuses
@@ -50,18 +55,13 @@ def shared_database_url(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="module")
 async def module(amqp_url: str, shared_database_url: str) -> AsyncIterator[Module]:
-    settings = make_settings(amqp_url, shared_database_url)
-    env = Env(amqp_url, shared_database_url, settings, client=None)  # type: ignore[arg-type]
     # No delivery consumer: the tickets' emails wait in P.deliveries, sent nowhere.
-    await env.start_worker(queues=("tickets", "hits", "settings"))
-    env.client = await Client.connect(settings)
-    async with SmtpServer() as smtp:
+    queues = ("tickets", "hits", "settings")
+    async with (
+        running_env(amqp_url, shared_database_url, queues=queues) as env,
+        SmtpServer() as smtp,
+    ):
         yield Module(env, await configure(env, smtp))
-    await env.client.close()
-    for worker in env.workers:
-        await worker.stop()
-    await env.store.close()
-    await delete_topology(amqp_url, settings)
 
 
 async def failed_event(client: Client, command_id: str, timeout: float = 10) -> dict[str, Any]:
@@ -242,38 +242,29 @@ BURST = 40
 RSS_GROWTH_MAX = 150 * 1024 * 1024
 
 
-def resident_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 async def test_a_burst_of_wide_bodies_with_a_wrong_password_leaves_the_worker_small(
     amqp_url: str, tmp_path: Path
 ) -> None:
     settings = make_settings(amqp_url, f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
-    process = await WorkerProcess.start(
-        tmp_path,
-        {
-            "amqp_url": amqp_url,
-            "database_url": settings.database_url,
-            "prefix": settings.prefix,
-            "secret_key": SECRET_KEY,
-        },
-    )
+    variables = {
+        "amqp_url": amqp_url,
+        "database_url": settings.database_url,
+        "prefix": settings.prefix,
+        "secret_key": SECRET_KEY,
+    }
+    process = WorkerProcess(environment(**variables), tmp_path / "worker.log", tmp_path).spawn()
     client = await Client.connect(settings)
     try:
         await process.wait_started()
         auth = {"login": "smtp_nobody", "password": "wrong-" + uuid.uuid4().hex}
         await client.call_raw(wide_body("ticket.get", auth, 1000), "ticket.get")  # warmed up
-        before = resident_bytes(process.process.pid)
+        before = process.read_memory()[0] * 1024  # VmRSS
         body = wide_body("ticket.get", auth)
 
         futures = [await client.publish(body, "ticket.get") for _ in range(BURST)]
         replies = await asyncio.wait_for(asyncio.gather(*futures), 120)  # type: ignore[arg-type]
 
-        after = resident_bytes(process.process.pid)
+        after = process.read_memory()[0] * 1024
         names = {json.loads(reply.body)["error"]["name"] for reply in replies}
         assert names == {"AuthenticationError"}
         assert after - before < RSS_GROWTH_MAX, f"{before >> 20} MiB -> {after >> 20} MiB"
@@ -282,4 +273,4 @@ async def test_a_burst_of_wide_bodies_with_a_wrong_password_leaves_the_worker_sm
     finally:
         await client.close()
         assert await process.stop() == 0
-        await delete_topology(amqp_url, settings)
+        await delete_prefix(amqp_url, settings)

@@ -11,7 +11,8 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from tests.conftest import LOG_LINES, Env
+from tests.support.environment import Env
+from tests.support.logs import log_lines
 from worker.logs import REDACTED, redact_secrets
 
 ON_SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -155,7 +156,7 @@ def test_the_configured_pipeline_redacts_secrets() -> None:
         "relay", options={"auth": {"user": "u", "pass": "relay-secret-1"}}, token="token-secret-2"
     )
 
-    logged = json.loads(LOG_LINES[-1])
+    logged = json.loads(log_lines()[-1])
     assert (logged["event"], logged["options"], logged["token"]) == (
         "relay",
         {"auth": REDACTED},

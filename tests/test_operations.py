@@ -12,18 +12,19 @@ import json
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.conftest import SECRET_KEY, Env
 from tests.support.commandline import smtp_worker
+from tests.support.environment import Env
 from tests.support.http_client import get, request, sample, scrape
+from tests.support.logs import SECRET_KEY
+from tests.support.polling import eventually
 from tests.support.proxy import Proxy
 from tests.support.smtp_servers import SmtpServer, silent_port
-from tests.support.world import configure, eventually
+from tests.support.world import configure
 from worker.app import Worker
 from worker.http import MAX_REQUEST_BYTES, REQUEST_TIMEOUT
 
@@ -39,15 +40,15 @@ async def worker(env: Env) -> Worker:
     return await env.start_worker(http="127.0.0.1:0")
 
 
-@pytest.fixture
-async def smtp() -> AsyncIterator[SmtpServer]:
-    async with SmtpServer() as server:
-        yield server
-
-
 def port_of(worker: Worker) -> int:
     assert worker.http is not None
     return worker.http.port
+
+
+async def commands_counted(worker: Worker, type_: str, outcome: str) -> float | None:
+    """smtp_worker_commands_total{type, outcome} as the worker's /metrics shows it now."""
+    samples = await scrape(port_of(worker))
+    return sample(samples, "smtp_worker_commands_total", type=type_, outcome=outcome)
 
 
 def through(url: str, port: int) -> str:
@@ -133,12 +134,7 @@ async def test_no_metric_label_holds_an_owner_a_login_or_an_address(
     text = answer.body.decode()
     private = [world.owner["owner_id"], world.user_name, world.domain, sid, *world.recipients]
     assert [] == [value for value in private if value in text]
-    assert 1 == sample(
-        await scrape(port_of(worker)),
-        "smtp_worker_commands_total",
-        type="ticket.get",
-        outcome="refused",
-    )
+    assert 1 == await commands_counted(worker, "ticket.get", "refused")
 
 
 @ON_SQLITE
@@ -151,12 +147,7 @@ async def test_an_unknown_command_type_is_counted_as_unknown(env: Env, worker: W
     assert "ValidationError" == reply["error"]["name"]
     answer = await get(port_of(worker), "/metrics")
     assert hostile not in answer.body.decode()
-    assert 1 == sample(
-        await scrape(port_of(worker)),
-        "smtp_worker_commands_total",
-        type="unknown",
-        outcome="unreadable",
-    )
+    assert 1 == await commands_counted(worker, "unknown", "unreadable")
 
 
 @ON_SQLITE

@@ -15,24 +15,12 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import (
-    Client,
-    Env,
-    create_database,
-    delete_topology,
-    drop_database,
-    make_settings,
-)
+from tests.support.databases import create_database, drop_database
+from tests.support.environment import Env, running_env
 from tests.support.smtp_servers import SmtpServer
 from tests.support.world import World, configure
 
 TWO = ["oncall@example.com", "ops@example.org"]
-
-
-@pytest.fixture
-async def smtp() -> AsyncIterator[SmtpServer]:
-    async with SmtpServer() as server:
-        yield server
 
 
 async def limited(env: Env, smtp: SmtpServer, *, total: int = 1000, hourly: int = 1000) -> World:
@@ -163,19 +151,11 @@ async def test_hits_on_an_acknowledged_ticket_count_nothing(env: Env, smtp: Smtp
 async def two_workers(amqp_url: str, postgres_admin_url: str) -> AsyncIterator[Env]:
     """Two workers on one fresh PostgreSQL database, consuming the same queues."""
     url = await create_database(postgres_admin_url)
-    settings = make_settings(amqp_url, url)
-    env = Env(amqp_url, url, settings, client=None)  # type: ignore[arg-type]
     try:
-        await env.start_worker()  # migrates the new database
-        await env.start_worker()
-        env.client = await Client.connect(settings)
-        yield env
+        # The first worker migrates the new database.
+        async with running_env(amqp_url, url, workers=2) as env:
+            yield env
     finally:
-        if env.client is not None:
-            await env.client.close()
-        for worker in env.workers:
-            await worker.stop()
-        await delete_topology(amqp_url, settings)
         await drop_database(postgres_admin_url, url)
 
 

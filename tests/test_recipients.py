@@ -8,24 +8,16 @@ recipients were de-duplicated. Every test runs on both stores.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 
-import pytest
 from sqlalchemy import update
 
-from tests.conftest import Env
+from tests.support.environment import Env
 from tests.support.smtp_servers import SmtpServer
 from tests.support.world import World, configure
 from worker.store.tables import channels
 
 GIVEN = ["Ops@Example.com", "oncall@example.org", "ops@example.com", "OPS@EXAMPLE.COM", "b@x.io"]
 DISTINCT = ["Ops@Example.com", "oncall@example.org", "b@x.io"]
-
-
-@pytest.fixture
-async def smtp() -> AsyncIterator[SmtpServer]:
-    async with SmtpServer() as server:
-        yield server
 
 
 async def put(world: World, recipients: list[str]) -> dict[str, object]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
@@ -21,9 +20,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Env, unique_domain
+from tests.support.environment import Env
 from tests.support.payloads import email_settings, relay_options
 from tests.support.smtp_servers import SmtpServer
+from tests.support.tenants import unique_domain
 from tests.support.world import configure
 from worker.errors import SmtpPermanentError
 from worker.mail import Relay, SmtpPool, probe, ticket_email
@@ -193,12 +193,6 @@ def an_email() -> EmailMessage:
     )
 
 
-@pytest.fixture
-async def smtp() -> AsyncIterator[SmtpServer]:
-    async with SmtpServer() as server:
-        yield server
-
-
 class FakeResolver:
     """Stands in for the loop's getaddrinfo: `names` maps a host name to its addresses."""
 
@@ -340,11 +334,6 @@ async def test_tls_verifies_the_certificate_against_the_host_name(
 
 
 # --- through the broker -------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def owner(env: Env) -> dict[str, str]:
-    return await env.new_owner()
 
 
 @pytest.fixture

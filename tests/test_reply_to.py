@@ -21,7 +21,9 @@ from typing import Any
 import aio_pika
 import pytest
 
-from tests.conftest import LOG_LINES, Client, Env
+from tests.support.client import Client
+from tests.support.environment import Env
+from tests.support.logs import log_lines
 from worker.app import Worker
 from worker.broker import Broker
 from worker.reply_to import DIRECT_REPLY_TO, refusal, token_node
@@ -176,13 +178,25 @@ async def test_commands_naming_a_refused_reply_to_are_dead_lettered_unrun_while_
     assert env.client.orphan_replies == []
 
 
-async def test_a_client_consuming_direct_reply_to_gets_its_reply(env: Env) -> None:
-    owner = await env.new_owner()
+Replies = asyncio.Queue[aio_pika.abc.AbstractIncomingMessage]
+
+
+async def direct_reply_to(
+    env: Env,
+) -> tuple[aio_pika.abc.AbstractChannel, aio_pika.abc.AbstractExchange, Replies]:
+    """A channel of the test client's connection consuming direct reply-to into `replies`, and
+    P.commands on it."""
     channel = await env.client.connection.channel()
-    replies: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+    replies: Replies = asyncio.Queue()
     pseudo = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
     await pseudo.consume(replies.put, no_ack=True)
     exchange = await channel.get_exchange(env.client.names.commands, ensure=False)
+    return channel, exchange, replies
+
+
+async def test_a_client_consuming_direct_reply_to_gets_its_reply(env: Env) -> None:
+    owner = await env.new_owner()
+    channel, exchange, replies = await direct_reply_to(env)
 
     await exchange.publish(
         aio_pika.Message(command(LIST, owner, {}), reply_to=DIRECT_REPLY_TO), routing_key=LIST
@@ -199,11 +213,7 @@ async def ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
 
 async def test_direct_reply_to_works_again_after_the_worker_reconnects(env: Env) -> None:
     owner = await env.new_owner()
-    channel = await env.client.connection.channel()
-    replies: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
-    pseudo = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
-    await pseudo.consume(replies.put, no_ack=True)
-    exchange = await channel.get_exchange(env.client.names.commands, ensure=False)
+    channel, exchange, replies = await direct_reply_to(env)
     message = aio_pika.Message(command(LIST, owner, {}), reply_to=DIRECT_REPLY_TO)
     await exchange.publish(message, routing_key=LIST)
     await asyncio.wait_for(replies.get(), 20)
@@ -243,7 +253,7 @@ async def processed(message_id: str, timeout: float = 10) -> list[dict[str, Any]
     """The worker's `command.processed` log lines of a message_id, once there is one."""
     deadline = time.monotonic() + timeout
     while True:
-        lines = [json.loads(line) for line in LOG_LINES if message_id in line]
+        lines = [json.loads(line) for line in log_lines() if message_id in line]
         found = [line for line in lines if line.get("event") == "command.processed"]
         if found or time.monotonic() > deadline:
             return found
@@ -287,7 +297,9 @@ async def test_a_token_of_a_node_that_is_not_running_costs_its_reply_only(env: E
     for message_id in message_ids:
         assert [line["outcome"] for line in await processed(message_id)] == ["success"]
     assert len(await users(env.client, owner)) == 3
-    assert any('"reply.dropped"' in line and "token of another node" in line for line in LOG_LINES)
+    assert any(
+        '"reply.dropped"' in line and "token of another node" in line for line in log_lines()
+    )
     assert max(durations) < 5
     assert await dead_correlation_ids(env.client, 1, timeout=0.5) == []
     assert transport_of(env.workers[0]) is transport
@@ -316,7 +328,8 @@ async def test_a_reply_the_broker_nacks_is_dropped_and_the_command_acked(env: En
     lines = await processed(message_id)
     assert [line["outcome"] for line in lines] == ["success"]
     assert any(
-        '"reply.dropped"' in line and message_id in line and '"nack"' in line for line in LOG_LINES
+        '"reply.dropped"' in line and message_id in line and '"nack"' in line
+        for line in log_lines()
     )
     assert len(await users(env.client, owner)) == 1
     assert await dead_correlation_ids(env.client, 1, timeout=0.5) == []
@@ -352,7 +365,7 @@ async def test_a_reply_the_broker_refuses_by_closing_its_channel_costs_no_other_
     assert future is not None and not future.done()
     assert await dead_correlation_ids(env.client, 1, timeout=0.5) == []
     assert transport_of(env.workers[0]) is transport
-    assert any('"reply.dropped"' in line and poisoned in line for line in LOG_LINES)
+    assert any('"reply.dropped"' in line and poisoned in line for line in log_lines())
 
 
 async def test_a_command_sent_to_a_worker_queue_as_reply_to_never_gets_a_reply_there(

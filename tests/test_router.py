@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from schemas import COMMANDS
-from tests.conftest import make_settings
+from tests.support.environment import make_settings
 from worker.app import Worker
 from worker.handlers import Router, RouterMismatch, make_router, settings, tickets
 

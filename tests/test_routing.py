@@ -18,7 +18,9 @@ from typing import Any
 import aio_pika
 import pytest
 
-from tests.conftest import LOG_LINES, Client, Env, delete_topology, make_settings
+from tests.support.client import Client
+from tests.support.environment import Env, make_settings, running_env
+from tests.support.logs import log_lines
 from tests.support.payloads import relay_options
 from tests.support.smtp_servers import SmtpServer
 from worker.broker import DELIVERY_LIMIT, Names
@@ -41,12 +43,6 @@ async def dead_body(client: Client, correlation_id: str, timeout: float = 10) ->
 def error_of(reply: aio_pika.abc.AbstractIncomingMessage) -> tuple[str, list[Any]]:
     error = json.loads(reply.body)["error"]
     return error["name"], [detail["loc"] for detail in error["details"]]
-
-
-@pytest.fixture
-async def smtp() -> AsyncIterator[SmtpServer]:
-    async with SmtpServer() as server:
-        yield server
 
 
 # --- the routing key must be the type -------------------------------------------------------------
@@ -154,21 +150,17 @@ async def env_of(
     connection = await aio_pika.connect(amqp_url)
     await prepare(await connection.channel(), Names(settings.prefix))
     await connection.close()
-    env = Env(amqp_url, database_url, settings, client=None)  # type: ignore[arg-type]
-    try:
+    async with running_env(
+        amqp_url, database_url, workers=0, connect=False, settings=settings
+    ) as env:
         yield env
-    finally:
-        if env.client is not None:
-            await env.client.close()
-        for worker in env.workers:
-            await worker.stop()
-        await env.store.close()
-        await delete_topology(amqp_url, settings)
 
 
 def upgrades(prefix: str) -> int:
     return sum(
-        1 for line in LOG_LINES if "topology.commands_exchange_upgraded" in line and prefix in line
+        1
+        for line in log_lines()
+        if "topology.commands_exchange_upgraded" in line and prefix in line
     )
 
 

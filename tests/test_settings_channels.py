@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Env, unique_domain
+from tests.support.environment import Env
 from tests.support.payloads import email_settings
+from tests.support.tenants import unique_domain
 
 CHANNEL_KEYS = {"name", "domain", "recipients", "subject_prefix", "created_at", "updated_at"}
 

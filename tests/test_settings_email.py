@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 from sqlalchemy import insert
 
-from tests.conftest import Env, unique_domain
+from tests.support.environment import Env
 from tests.support.payloads import email_settings, relay_options
 from tests.support.smtp_servers import SmtpServer
+from tests.support.tenants import unique_domain
 from worker.store.tables import channels
 
 RELAY_USER, RELAY_PASS = "relay-user", "relay-pass-7f3a9c"
@@ -26,11 +27,6 @@ SETTINGS_KEYS = {
     "created_at",
     "updated_at",
 }
-
-
-@pytest.fixture
-async def owner(env: Env) -> dict[str, str]:
-    return await env.new_owner()
 
 
 async def create(env: Env, owner: dict[str, str], domain: str, **options: Any) -> dict[str, Any]:

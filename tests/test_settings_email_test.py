@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from tests.conftest import LOG_LINES, Env, unique_domain
+from tests.support.environment import Env
+from tests.support.logs import log_lines
 from tests.support.payloads import email_settings, relay_options
 from tests.support.smtp_servers import (
     HTTP_RESPONSE,
@@ -25,21 +26,16 @@ from tests.support.smtp_servers import (
     SmtpServer,
     Tls,
     closed_port,
-    multiline,
-    password_echoes,
+    echoing_answers,
     password_leaks,
     silent_port,
     tcp_peer,
 )
+from tests.support.tenants import unique_domain
 from worker.handlers.settings import relay_of
 from worker.store.tables import email_settings as email_settings_table
 
 RELAY_USER, RELAY_PASS = "relay-user", "probe-pass-51c0de"
-
-
-@pytest.fixture
-async def owner(env: Env) -> dict[str, str]:
-    return await env.new_owner()
 
 
 async def probe(
@@ -266,11 +262,8 @@ WITHHELD = "the relay's reply was withheld: it quoted the password"
 async def test_probe_never_quotes_the_relay_password(
     env: Env, owner: dict[str, str], domain: str, command: str, code: int, stage: str
 ):
-    echoes = password_echoes(RELAY_USER, ECHOED)
-    answers: list[Any] = [multiline(code, echo) for echo in echoes.values()]
-    if command == "AUTH":
-        answers.append(lambda argument: f"535 5.7.8 you sent {argument}")  # AUTH PLAIN's
-    logged = len(LOG_LINES)
+    answers = echoing_answers(command, code, RELAY_USER, ECHOED)
+    logged = len(log_lines())
     server = SmtpServer(
         auth=(RELAY_USER, ECHOED), auth_mechanisms=["PLAIN"], script={command: answers}
     )
@@ -284,7 +277,7 @@ async def test_probe_never_quotes_the_relay_password(
 
     expected = {"ok": False, "stage": stage, "message": f"{code} {WITHHELD}"}
     assert [expected] * len(answers) == results
-    seen = "\n".join([*LOG_LINES[logged:], *map(json.dumps, env.client.events)])
+    seen = "\n".join([*log_lines(logged), *map(json.dumps, env.client.events)])
     assert [] == password_leaks(seen, RELAY_USER, ECHOED)
 
 

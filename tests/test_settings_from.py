@@ -7,16 +7,13 @@ ValidationError located at ["data", "from"], and changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
 import sqlalchemy
 
-from tests.conftest import Env, unique_domain
 from tests.support.payloads import relay_options
-from tests.support.smtp_servers import SmtpServer
-from tests.support.world import World, configure
+from tests.support.tenants import unique_domain
+from tests.support.world import World
 from worker.store.tables import email_settings
 
 # {d} is the settings' domain.
@@ -50,17 +47,6 @@ ACCEPTED = {
     "upper-case-domain": "alerts@{D}",
 }
 FROM_REFUSED = ("ValidationError", [["data", "from"]])
-
-
-@pytest.fixture
-async def smtp() -> AsyncIterator[SmtpServer]:
-    async with SmtpServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def world(env: Env, smtp: SmtpServer) -> World:
-    return await configure(env, smtp)
 
 
 def verdict(reply: dict[str, Any]) -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Env
+from tests.support.environment import Env
 
 USER_KEYS = {
     "smtp_user_name",
@@ -26,11 +26,6 @@ USER_KEYS = {
 }
 # 22 URL-safe base64 characters carry 132 bits: the contract asks for at least 128.
 STRONG_SECRET = re.compile(r"[A-Za-z0-9_-]{22,}")
-
-
-@pytest.fixture
-async def owner(env: Env) -> dict[str, str]:
-    return await env.new_owner()
 
 
 async def add(
@@ -283,11 +278,19 @@ async def test_reset_password_returns_a_new_strong_password(env: Env, owner: dic
     assert STRONG_SECRET.fullmatch(reset["smtp_password"])
 
 
-async def test_reset_password_stops_the_old_password_at_once(env: Env, owner: dict[str, str]):
+@pytest.mark.parametrize(
+    "type_",
+    ["settings.smtp_user.reset_password", "settings.smtp_user.delete"],
+    ids=["reset_password", "delete"],
+)
+async def test_the_old_password_stops_working_at_once_after(
+    env: Env, owner: dict[str, str], type_: str
+):
+    """A reset password, and a deleted user's, can no longer authenticate."""
     created = await add(env, owner)
     name = created["smtp_user_name"]
 
-    await env.client.ok("settings.smtp_user.reset_password", owner, {"smtp_user_name": name})
+    await env.client.ok(type_, owner, {"smtp_user_name": name})
 
     assert await login_error(env, name, created["smtp_password"]) == "AuthenticationError"
 
@@ -373,15 +376,6 @@ async def test_deleted_user_is_not_found(env: Env, owner: dict[str, str], type_:
 
     assert reply["error"]["name"] == "NotFound"
     assert reply["error"]["details"] == {"missing": [name]}
-
-
-async def test_deleted_user_can_no_longer_authenticate(env: Env, owner: dict[str, str]):
-    created = await add(env, owner)
-    name = created["smtp_user_name"]
-
-    await env.client.ok("settings.smtp_user.delete", owner, {"smtp_user_name": name})
-
-    assert await login_error(env, name, created["smtp_password"]) == "AuthenticationError"
 
 
 # --- events -------------------------------------------------------------------------------------

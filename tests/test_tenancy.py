@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 
 from schemas import COMMANDS, OwnerAuth
-from tests.conftest import Env, unique_domain
+from tests.support.environment import Env
 from tests.support.payloads import email_settings, relay_options
 from tests.support.smtp_servers import SmtpServer
+from tests.support.tenants import unique_domain
 from worker.security import new_id
 
 Auth = dict[str, str]

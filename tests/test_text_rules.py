@@ -9,28 +9,16 @@ A refused command changes nothing. Every test runs on both stores.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from tests.conftest import Env, unique_domain
 from tests.support.hostile import BODY_ONLY, REFUSED_IN_BODIES, REFUSED_IN_HEADERS
 from tests.support.payloads import relay_options
-from tests.support.smtp_servers import SmtpServer
-from tests.support.world import World, configure
-
-
-@pytest.fixture
-async def smtp() -> AsyncIterator[SmtpServer]:
-    async with SmtpServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def world(env: Env, smtp: SmtpServer) -> World:
-    return await configure(env, smtp)
+from tests.support.tenants import unique_domain
+from tests.support.world import World
 
 
 @dataclass(frozen=True)
@@ -86,6 +74,17 @@ def create_settings(**fields: Any) -> Callable[[World, str, str], Awaitable[dict
     return send
 
 
+def update_settings(**fields: Any) -> Callable[[World, str, str], Awaitable[dict[str, Any]]]:
+    """settings.email.update of the world's domain, `fields` formatted with text and domain."""
+
+    async def send(world: World, sid: str, text: str) -> dict[str, Any]:
+        data = {"domain": world.domain}
+        data |= {key: value.format(text=text, domain=world.domain) for key, value in fields.items()}
+        return await owner_call(world, "settings.email.update", data)
+
+    return send
+
+
 HEADER_FIELDS = {
     "title": Field(
         ["data", "ticket", "title"],
@@ -113,9 +112,7 @@ HEADER_FIELDS = {
     ),
     "from-update": Field(
         ["data", "from"],
-        lambda w, sid, text: owner_call(
-            w, "settings.email.update", {"domain": w.domain, "from": f"Al{text}erts <x@{w.domain}>"}
-        ),
+        update_settings(**{"from": "Al{text}erts <x@{domain}>"}),
         the_settings,
     ),
 }
@@ -154,9 +151,7 @@ BODY_FIELDS = {
     ),
     "description-update": Field(
         ["data", "description"],
-        lambda w, sid, text: owner_call(
-            w, "settings.email.update", {"domain": w.domain, "description": f"a{text}b"}
-        ),
+        update_settings(description="a{text}b"),
         the_settings,
     ),
 }

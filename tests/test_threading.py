@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import pytest
 from sqlalchemy import update
 
-from tests.conftest import Env, unique_domain
+from tests.support.environment import Env
 from tests.support.payloads import relay_options
 from tests.support.smtp_servers import SmtpServer
+from tests.support.tenants import unique_domain
 from tests.support.world import World, configure
 from worker.store.tables import tickets
 

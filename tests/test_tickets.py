@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from tests.conftest import Env
+from tests.support.environment import Env
 from tests.support.smtp_servers import SmtpServer
 from tests.support.world import World, configure
 
@@ -37,17 +37,6 @@ TICKET_KEYS = {
     "delivery",
 }
 EVENT_KEYS = {"type", "id", "time", "owner_id", "data"}
-
-
-@pytest.fixture
-async def smtp() -> AsyncIterator[SmtpServer]:
-    async with SmtpServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def world(env: Env, smtp: SmtpServer) -> World:
-    return await configure(env, smtp)
 
 
 def unknown_sid() -> str:

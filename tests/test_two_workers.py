@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import signal
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -24,18 +23,13 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from tests.conftest import (
-    LOG_LINES,
-    SECRET_KEY,
-    SECRETS,
-    Client,
-    create_database,
-    delete_topology,
-    drop_database,
-    make_settings,
-    remember_secrets,
-)
-from tests.support.commandline import SMTP_WORKER, environment, smtp_worker
+from tests.support.broker import delete_prefix
+from tests.support.client import Client
+from tests.support.commandline import create_owner, environment, settings_variables
+from tests.support.databases import create_database, drop_database
+from tests.support.environment import make_settings
+from tests.support.logs import PROCESS_LINES, remember_secrets
+from tests.support.processes import WorkerProcess
 from worker.config import Settings
 from worker.store import Store
 
@@ -45,60 +39,6 @@ CONTESTED = 3  # domains every owner tries to create
 USERS = 25  # per owner
 RESENT = 10  # smtp_user.add commands sent a second time under the same message_id
 STARTUP_TIMEOUT = 30.0
-
-
-@dataclass
-class WorkerProcess:
-    """`smtp-worker run`, its log lines read as they come (a full pipe would block it)."""
-
-    process: asyncio.subprocess.Process
-    lines: list[str] = field(default_factory=list)
-    started: asyncio.Event = field(default_factory=asyncio.Event)
-    reader: asyncio.Task[None] | None = None
-
-    @classmethod
-    async def start(cls, cwd: Path, variables: dict[str, str]) -> WorkerProcess:
-        process = await asyncio.create_subprocess_exec(
-            SMTP_WORKER,
-            "run",
-            cwd=cwd,
-            env=environment(**variables),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        worker = cls(process)
-        worker.reader = asyncio.create_task(worker._read())
-        return worker
-
-    async def _read(self) -> None:
-        assert self.process.stderr is not None
-        async for raw in self.process.stderr:
-            self.lines.append(raw.decode().rstrip("\n"))
-            if '"worker.started"' in self.lines[-1]:
-                self.started.set()
-
-    async def wait_started(self) -> None:
-        """Until it logs `worker.started`; it failing to start fails the test with its logs."""
-        waits = [
-            asyncio.ensure_future(self.started.wait()),
-            asyncio.ensure_future(self.process.wait()),
-        ]
-        try:
-            await asyncio.wait(waits, timeout=STARTUP_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for wait in waits:
-                wait.cancel()
-        assert self.started.is_set(), "\n".join(self.lines[-20:])
-
-    async def stop(self) -> int:
-        """SIGTERM, then its exit code once it has finished what was in flight."""
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(self.process.wait(), 30)
-        if self.reader is not None:
-            await self.reader
-        return code
 
 
 @dataclass
@@ -123,38 +63,28 @@ async def cluster(amqp_url: str, postgres_admin_url: str, tmp_path: Path) -> Asy
     and owners made by `smtp-worker owner create`."""
     database_url = await create_database(postgres_admin_url)
     settings = make_settings(amqp_url, database_url)
-    variables = {
-        "amqp_url": amqp_url,
-        "database_url": database_url,
-        "prefix": settings.prefix,
-        "secret_key": SECRET_KEY,
-        "retry_delays": ",".join(str(delay) for delay in settings.retry_delays),
-        "relay_allow": ",".join(str(network) for network in settings.relay_allow),
-    }
-    workers = [await WorkerProcess.start(tmp_path, variables) for _ in range(2)]
+    variables = settings_variables(settings)
+    workers = [
+        WorkerProcess(environment(**variables), tmp_path / f"worker-{n}.log", tmp_path).spawn()
+        for n in (1, 2)
+    ]
     try:
         # While the workers start (and migrate the new database, as owner create does too).
-        made = await asyncio.gather(
-            *(
-                smtp_worker("owner", "create", "--name", f"owner{i}", cwd=tmp_path, **variables)
-                for i in range(OWNERS)
-            )
+        owners = await asyncio.gather(
+            *(create_owner(f"owner{i}", tmp_path, **variables) for i in range(OWNERS))
         )
-        assert [ran.code for ran in made] == [0] * OWNERS, [ran.stderr for ran in made]
-        owners = [ran.json() for ran in made]
-        SECRETS.update(owner["token"] for owner in owners)
         for worker in workers:
-            await worker.wait_started()
+            await worker.wait_started(STARTUP_TIMEOUT)
         client = await Client.connect(settings)
         try:
-            yield Cluster(settings, workers, client, owners)
+            yield Cluster(settings, workers, client, list(owners))
         finally:
             await client.close()
     finally:
         for worker in workers:
             await worker.stop()
-            LOG_LINES.extend(worker.lines)  # searched for secrets at the end of the run
-        await delete_topology(amqp_url, settings)
+            PROCESS_LINES.extend(worker.text_lines())  # searched for secrets at the end of the run
+        await delete_prefix(amqp_url, settings)
         await drop_database(postgres_admin_url, database_url)
 
 
@@ -279,7 +209,8 @@ async def test_two_worker_processes_answer_every_command_once_and_agree_on_the_s
     await asyncio.sleep(0.3)
     assert cluster.client.orphan_replies == []
     assert all(
-        any('"command.processed"' in line for line in worker.lines) for worker in cluster.workers
+        any('"command.processed"' in line for line in worker.text_lines())
+        for worker in cluster.workers
     )
     # Refused only where the rules say: a contested domain goes to one owner; others' are missing.
     others_domains = sum(r.data["domain"] not in own[owners.index(r.auth)] for r in reads)

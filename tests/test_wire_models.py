@@ -18,9 +18,11 @@ import jsonschema
 import pytest
 
 from schemas import EVENTS, reply_adapter
-from tests.conftest import Env, remember_secrets, unique_domain
+from tests.support.environment import Env
+from tests.support.logs import remember_secrets
 from tests.support.payloads import relay_options
 from tests.support.smtp_servers import SmtpServer
+from tests.support.tenants import unique_domain
 from worker import contract
 
 REJECTED = "550 5.7.1 rejected"

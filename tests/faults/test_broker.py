@@ -18,8 +18,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.faults.conftest import Rig, build_rig, figure
 from tests.support.cluster import PrivateNodes
+from tests.support.rig import Rig, build_rig, figure
 
 pytestmark = pytest.mark.faults
 

@@ -22,8 +22,10 @@ from collections import Counter
 import pytest
 
 from schemas import SuccessReply
-from tests.faults.conftest import Rig, WorkerProcess, figure, wait_until
 from tests.support.cluster import PrivateNodes
+from tests.support.polling import wait_until
+from tests.support.processes import WorkerProcess
+from tests.support.rig import Rig, figure
 from worker.client import Client
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.faults.conftest import Rig, figure
+from tests.support.rig import Rig, figure
 
 pytestmark = pytest.mark.faults
 

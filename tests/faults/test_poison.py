@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from tests.faults.conftest import Rig, figure, wait_until
+from tests.support.polling import wait_until
+from tests.support.rig import Rig, figure
 from worker.broker import DELIVERY_LIMIT
 
 pytestmark = pytest.mark.faults

@@ -11,9 +11,10 @@ import time
 
 import pytest
 
-from tests.conftest import unique_domain
-from tests.faults.conftest import Rig, figure, wait_until
+from tests.support.polling import wait_until
+from tests.support.rig import Rig, figure
 from tests.support.silent_relay import SilentRelay
+from tests.support.tenants import unique_domain
 
 pytestmark = pytest.mark.faults
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.faults.conftest import Rig, figure
+from tests.support.rig import Rig, figure
 
 pytestmark = pytest.mark.faults
 

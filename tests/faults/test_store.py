@@ -20,7 +20,7 @@ import time
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.faults.conftest import Rig, figure
+from tests.support.rig import Rig, figure
 
 pytestmark = pytest.mark.faults
 

@@ -22,7 +22,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -31,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.support.smtp_servers import closed_port
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 SERVER = RABBITMQ_BIN / "rabbitmq-server"
@@ -41,13 +42,6 @@ START_TIMEOUT = 90.0
 
 def installed() -> bool:
     return SERVER.exists() and CTL.exists()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -75,7 +69,7 @@ class PrivateNodes:
         self.home = base / "home"
         tag = uuid.uuid4().hex[:6]
         self.nodes = [
-            Node(f"sw{tag}{index}@localhost", free_port(), free_port(), base / f"node{index}")
+            Node(f"sw{tag}{index}@localhost", closed_port(), closed_port(), base / f"node{index}")
             for index in range(count)
         ]
 

@@ -10,9 +10,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import LOG_LINES
+from tests.support.logs import PROCESS_LINES, SECRETS
+from worker.config import Settings
 
 SMTP_WORKER = str(Path(sys.executable).with_name("smtp-worker"))
+
+
+def settings_variables(settings: Settings) -> dict[str, str]:
+    """The variables (as `environment` takes them) of a test's settings: its broker, store,
+    prefix, secret key, retry delays and relay allow list."""
+    assert settings.secret_key is not None
+    return {
+        "amqp_url": settings.amqp_url,
+        "database_url": settings.database_url,
+        "prefix": settings.prefix,
+        "secret_key": settings.secret_key.get_secret_value(),
+        "retry_delays": ",".join(str(delay) for delay in settings.retry_delays),
+        "relay_allow": ",".join(str(network) for network in settings.relay_allow),
+    }
 
 
 def environment(**variables: str) -> dict[str, str]:
@@ -50,6 +65,16 @@ async def smtp_worker(*args: str, cwd: Path, timeout: float = 30, **variables: s
     """Runs `smtp-worker ARGS` to its end, leaving the event loop free (a worker may run on it)."""
     process = await spawn(*args, cwd=cwd, **variables)
     stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
-    LOG_LINES.extend(stderr.decode().splitlines())  # searched for secrets at the end of the run
+    PROCESS_LINES.extend(stderr.decode().splitlines())  # searched for secrets at the end of the run
     assert process.returncode is not None
     return Ran(process.returncode, stdout.decode(), stderr.decode())
+
+
+async def create_owner(name: str, cwd: Path, **variables: str) -> dict[str, str]:
+    """A new owner, made by `smtp-worker owner create` as an operator does; its token is a
+    secret of the run."""
+    ran = await smtp_worker("owner", "create", "--name", name, cwd=cwd, timeout=60, **variables)
+    assert 0 == ran.code, ran.stderr
+    owner: dict[str, str] = ran.json()
+    SECRETS.add(owner["token"])
+    return owner

@@ -63,6 +63,7 @@ __all__ = [
     "SmtpServer",
     "Tls",
     "closed_port",
+    "echoing_answers",
     "multiline",
     "password_echoes",
     "password_leaks",
@@ -136,7 +137,7 @@ def server_tls_context(directory: Path | None = None) -> ssl.SSLContext:
 
 
 def closed_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on, for "connection refused"."""
+    """A port nothing listens on: for "connection refused", or a free port to listen on."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
@@ -249,6 +250,17 @@ def password_leaks(text: str, user: str, password: str) -> list[str]:
     }
     forms["password"] = password
     return [name for name, form in forms.items() if squashed(form) in squashed(text)]
+
+
+def echoing_answers(command: str, code: int, user: str, password: str) -> list[Answer]:
+    """A script's answers to `command` quoting `password`: one multi-line reply with `code` per
+    form of `password_echoes`, and for AUTH one more quoting AUTH PLAIN's argument."""
+    answers: list[Answer] = [
+        multiline(code, echo) for echo in password_echoes(user, password).values()
+    ]
+    if command == "AUTH":
+        answers.append(lambda argument: f"535 5.7.8 you sent {argument}")
+    return answers
 
 
 def multiline(code: int, text: str) -> str:

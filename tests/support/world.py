@@ -1,24 +1,18 @@
 """A configured owner, ready to send tickets: the world the ticket, hit and delivery tests share.
 
-owner --settings.email.create--> DOMAIN (relay: an SmtpServer of the test)
-      --settings.channel.put---> channel "ops" to RECIPIENTS
-      --settings.smtp_user.add-> an SMTP user, whose login sends the ticket and hit commands
+Its tenant (tests/support/tenants.py) relays its domain to an SmtpServer of the test, and has
+channel "ops" to RECIPIENTS and one SMTP user, whose login sends the ticket and hit commands.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tests.conftest import Env, unique_domain
+from tests.support.environment import Env
 from tests.support.payloads import relay_options
 from tests.support.smtp_servers import SmtpServer
-
-RECIPIENTS = ["oncall@example.com", "ops@example.org"]
-BIG_LIMITS = {"total_limit": 1_000_000, "hourly_limit": 1_000_000}
+from tests.support.tenants import BIG_LIMITS, RECIPIENTS, set_up_tenant, unique_domain
 
 
 @dataclass
@@ -105,25 +99,19 @@ async def configure(
     options: dict[str, Any] | None = None,
 ) -> World:
     """A new owner with a domain whose relay is `smtp`, a channel, and an SMTP user."""
-    client = env.client
     owner = await env.new_owner()
     domain = unique_domain()
     sender = f"Alerts <alerts@{domain}>"
-    await client.ok(
-        "settings.email.create",
+    (login,) = await set_up_tenant(
+        env.client.ok,
         owner,
-        {
-            "domain": domain,
-            "provider": "smtp",
-            "from": sender,
-            "options": options if options is not None else relay_options(smtp),
-        },
+        domain,
+        options if options is not None else relay_options(smtp),
+        sender=sender,
+        channels={channel: recipients},
+        subject_prefix=subject_prefix,
+        limits=limits,
     )
-    put: dict[str, Any] = {"name": channel, "domain": domain, "recipients": recipients}
-    if subject_prefix is not None:
-        put["subject_prefix"] = subject_prefix
-    await client.ok("settings.channel.put", owner, put)
-    user = await client.ok("settings.smtp_user.add", owner, limits)
     return World(
         env=env,
         smtp=smtp,
@@ -132,15 +120,6 @@ async def configure(
         sender=sender,
         channel=channel,
         recipients=list(recipients),
-        user_name=user["smtp_user_name"],
-        password=user["smtp_password"],
+        user_name=login["login"],
+        password=login["password"],
     )
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10) -> None:
-    """Polls `check` until it holds; fails the test when `timeout` seconds pass first."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still not true after {timeout} s")
-        await asyncio.sleep(0.02)
