@@ -40,9 +40,7 @@ async def run_through_an_outage(
 ) -> None:
     """Loads the worker, runs `outage` mid-load (it returns its length), checks nothing is lost."""
     await rig.start_worker(**worker)
-    await rig.setup_tenant()
-    commands = rig.tickets(COMMANDS, tag)
-    ids = [message_id for *_, message_id in commands]
+    commands, ids = await rig.ticket_load(COMMANDS, tag)
 
     started = time.monotonic()
     await rig.load.publish_many(commands)

@@ -72,10 +72,8 @@ async def test_kill_9_of_the_workers_node_in_the_middle_of_1000_tickets(
 ) -> None:
     rig = cluster_rig
     worker = await rig.start_worker()
-    await rig.setup_tenant()
     victim = rabbit_cluster.index_of(node_of(worker))
-    commands = rig.tickets(KILL_COMMANDS, "kill")
-    ids = [message_id for *_, message_id in commands]
+    commands, ids = await rig.ticket_load(KILL_COMMANDS, "kill")
 
     started = time.monotonic()
     await rig.load.publish_many(commands)
@@ -112,9 +110,7 @@ async def test_a_rolling_restart_of_all_three_nodes_under_load(
 ) -> None:
     rig = cluster_rig
     worker = await rig.start_worker()
-    await rig.setup_tenant()
-    commands = rig.tickets(ROLLING_COMMANDS, "rolling")
-    ids = [message_id for *_, message_id in commands]
+    commands, ids = await rig.ticket_load(ROLLING_COMMANDS, "rolling")
     outages: list[float] = []
 
     async def roll() -> None:
@@ -153,9 +149,7 @@ async def test_two_workers_on_two_nodes_and_a_client_on_the_third(
     first = await rig.start_worker()
     second = await rig.start_worker(amqp_url=",".join([*urls[1:], urls[0]]))
     assert node_of(first) != node_of(second)
-    await rig.setup_tenant()
-    commands = rig.tickets(TWO_WORKER_COMMANDS, "two")
-    ids = [message_id for *_, message_id in commands]
+    commands, ids = await rig.ticket_load(TWO_WORKER_COMMANDS, "two")
 
     started = time.monotonic()
     await rig.load.publish_many(commands)

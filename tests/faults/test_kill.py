@@ -23,9 +23,7 @@ COMMANDS = 1000
 @pytest.mark.timeout(300)
 async def test_a_worker_killed_mid_load_loses_no_command_and_no_email(rig: Rig) -> None:
     first = await rig.start_worker()
-    await rig.setup_tenant()
-    commands = rig.tickets(COMMANDS, "kill")
-    ids = [message_id for *_, message_id in commands]
+    commands, ids = await rig.ticket_load(COMMANDS, "kill")
 
     started = time.monotonic()
     publishing = asyncio.create_task(rig.load.publish_many(commands))

@@ -21,9 +21,7 @@ PREFETCH = 50
 async def test_sigterm_mid_load_finishes_what_is_in_flight_and_exits_0(rig: Rig) -> None:
     # A prefetch well below the load, so that some commands are still queued at the signal.
     first = await rig.start_worker(shutdown_grace=str(GRACE), prefetch=str(PREFETCH))
-    await rig.setup_tenant()
-    commands = rig.tickets(COMMANDS, "term")
-    ids = [message_id for *_, message_id in commands]
+    commands, ids = await rig.ticket_load(COMMANDS, "term")
 
     await rig.load.publish_many(commands)
     assert await rig.load.wait_answered(ids, COMMANDS // 4, timeout=120)

@@ -18,7 +18,6 @@ import asyncio
 import time
 
 import pytest
-from sqlalchemy.engine import make_url
 
 from tests.support.rig import Rig, figure
 
@@ -30,13 +29,9 @@ LOST_ANSWERS = 200
 
 
 async def test_commands_wait_out_a_10_s_store_outage_and_all_succeed(rig: Rig) -> None:
-    url = make_url(rig.database_url)
-    proxy = rig.proxy(url.port or 5432)
-    through_proxy = url.set(host="127.0.0.1", port=proxy.port)
-    worker = await rig.start_worker(database_url=through_proxy.render_as_string(False))
-    await rig.setup_tenant()
-    commands = rig.tickets(COMMANDS, "store")
-    ids = [message_id for *_, message_id in commands]
+    proxy, through_proxy = rig.store_through_proxy()
+    worker = await rig.start_worker(database_url=through_proxy)
+    commands, ids = await rig.ticket_load(COMMANDS, "store")
 
     started = time.monotonic()
     await rig.load.publish_many(commands)
@@ -80,13 +75,9 @@ async def test_commands_wait_out_a_10_s_store_outage_and_all_succeed(rig: Rig) -
 async def test_a_commit_whose_answer_is_lost_still_sends_its_reply_events_and_email(
     rig: Rig,
 ) -> None:
-    url = make_url(rig.database_url)
-    proxy = rig.proxy(url.port or 5432)
-    through_proxy = url.set(host="127.0.0.1", port=proxy.port)
-    worker = await rig.start_worker(database_url=through_proxy.render_as_string(False))
-    await rig.setup_tenant()
-    commands = rig.tickets(LOST_ANSWERS, "lost")
-    ids = [message_id for *_, message_id in commands]
+    proxy, through_proxy = rig.store_through_proxy()
+    worker = await rig.start_worker(database_url=through_proxy)
+    commands, ids = await rig.ticket_load(LOST_ANSWERS, "lost")
 
     await rig.load.publish_many(commands)
     assert await rig.load.wait_answered(ids, LOST_ANSWERS // 10, timeout=120)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 
 from tests.support.broker import delete_prefix
 from tests.support.commandline import environment, settings_variables
@@ -116,6 +116,21 @@ class Rig:
             )
             for i in range(count)
         ]
+
+    async def ticket_load(
+        self, count: int, tag: str
+    ) -> tuple[list[tuple[str, Any, Any, str]], list[str]]:
+        """The tenant set up (`setup_tenant`), then `count` ticket.new commands (`tickets`) and
+        their message_ids."""
+        await self.setup_tenant()
+        commands = self.tickets(count, tag)
+        return commands, [message_id for *_, message_id in commands]
+
+    def store_through_proxy(self) -> tuple[Proxy, str]:
+        """A proxy to the store, and the database URL that goes through it."""
+        url = make_url(self.database_url)
+        proxy = self.proxy(url.port or 5432)
+        return proxy, url.set(host="127.0.0.1", port=proxy.port).render_as_string(False)
 
     async def query(self, sql: str, **params: Any) -> list[Any]:
         """Reads (or breaks) the store directly, as an operator would."""
