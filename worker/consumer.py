@@ -30,7 +30,6 @@ message_id. A message_id the principal already used for another type is a Confli
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -61,7 +60,15 @@ from worker.events import Effect, command_failed
 from worker.handlers.base import Context, Principal, Router, Spec, authenticate
 from worker.jobs import ProbeJob
 from worker.metrics import Metrics
-from worker.outcomes import Outcome, Settlement, StoreRetry, settle_as
+from worker.outcomes import (
+    Outcome,
+    Run,
+    Settlement,
+    StoreRetry,
+    failed_attempt,
+    processing,
+    settle_as,
+)
 from worker.parsing import MAX_DETAILS, Envelope
 from worker.security import Keyring
 from worker.store import Store, idempotency
@@ -195,34 +202,19 @@ class CommandConsumer:
     # --- the message's fate ---------------------------------------------------------------------
 
     async def __call__(self, message: AbstractIncomingMessage) -> None:
-        started = time.perf_counter()
         meta = Meta.of(message)
         structlog.contextvars.bind_contextvars(
             message_id=meta.message_id, correlation_id=meta.correlation_id
         )
-        outcome = Outcome.UNKNOWN
+        run = Run(Outcome.UNKNOWN)
         try:
-            outcome = await self._apply(message, meta, await self._decide(message, meta))
-        except asyncio.CancelledError:
-            outcome = Outcome.CANCELLED
-            raise
-        except Exception:
-            # A bug of the consumer's own. Left unsettled, the message would hold a prefetch slot
-            # until the channel closes; requeued, it meets the delivery limit and lands in P.dead.
-            log.exception("command.crashed")
-            outcome = Outcome.CRASHED
-            await settle_as(message, "requeue", "command.settle_failed")
+            async with processing(
+                message, log, "command", run, crashed=Outcome.CRASHED, cancelled=Outcome.CANCELLED
+            ):
+                run.outcome = await self._apply(message, meta, await self._decide(message, meta))
         finally:
-            log.info(
-                "command.processed",
-                outcome=outcome,
-                duration_ms=round((time.perf_counter() - started) * 1000, 2),
-            )
             # The routing key is the type of every readable command; metrics bound the rest.
-            self.metrics.command_processed(
-                message.routing_key, outcome, time.perf_counter() - started
-            )
-            structlog.contextvars.clear_contextvars()
+            self.metrics.command_processed(message.routing_key, run.outcome, run.seconds)
 
     async def _apply(
         self, message: AbstractIncomingMessage, meta: Meta, verdict: Verdict
@@ -287,15 +279,8 @@ class CommandConsumer:
             if spec is None:
                 raise NotImplementedError(f"no handler for {type_}")
             result = await self._execute(spec, parsed, message.body, meta)
-        except Exception as exc:
-            transient = isinstance(exc, StoreUnavailable | BrokerUnavailable)
-            log.warning(
-                "command.failed_attempt",
-                error=type(exc).__name__,
-                transient=transient,
-                exc_info=not transient,
-                delivery_count=meta.delivery_count,
-            )
+        except Exception as exc:  # noqa: BLE001 - logged, traceback and all
+            failed_attempt(log, "command.failed_attempt", exc, meta.delivery_count)
             if not meta.last_attempt:
                 return Verdict(Outcome.REQUEUED, "requeue")
             reply = error_reply(type_, meta.message_id, "GeneralError", GENERAL_ERROR_MESSAGE)

@@ -19,7 +19,6 @@ crash); its outcome event is published again instead, since the crash may have l
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -42,7 +41,15 @@ from worker.jobs import DeliveryJob
 from worker.mail.compose import hit_email, hit_message_id, ticket_email, ticket_message_id
 from worker.mail.relay import Relay, SmtpPool, relay_of
 from worker.metrics import Metrics
-from worker.outcomes import EmailOutcome, Settlement, StoreRetry, Unclaimed, settle_as
+from worker.outcomes import (
+    EmailOutcome,
+    Run,
+    Settlement,
+    StoreRetry,
+    Unclaimed,
+    processing,
+    settle_as,
+)
 from worker.security import Keyring
 from worker.store import Row, Store, emails
 
@@ -106,8 +113,6 @@ class DeliveryConsumer:
         await self.pool.close()
 
     async def __call__(self, message: AbstractIncomingMessage) -> None:
-        started = time.perf_counter()
-        outcome = EmailOutcome.UNKNOWN
         try:
             job = DeliveryJob.load(message.body)
         except pydantic.ValidationError:
@@ -115,26 +120,23 @@ class DeliveryConsumer:
             await settle_as(message, "dead", "delivery.settle_failed")
             return
         structlog.contextvars.bind_contextvars(email_id=job.email_id)
-        settlement: Settlement = "requeue"
-        try:
+        # A bug: requeued until the delivery limit dead-letters it into P.dead.
+        async with processing(
+            message,
+            log,
+            "delivery",
+            Run(EmailOutcome.UNKNOWN),
+            crashed=EmailOutcome.REQUEUED,
+            cancelled=EmailOutcome.UNKNOWN,
+            processed="email.processed",
+        ) as run:
+            settlement: Settlement = "ack"
             try:
-                outcome = await self._process(job, bool(message.redelivered))
-                settlement = "ack"
+                run.outcome = await self._process(job, bool(message.redelivered))
             except TransientError as exc:
-                outcome = EmailOutcome.REQUEUED
+                run.outcome, settlement = EmailOutcome.REQUEUED, "requeue"
                 log.warning("delivery.requeued", error=type(exc).__name__)
-            except Exception:
-                # A bug: requeued until the delivery limit dead-letters it into P.dead.
-                outcome = EmailOutcome.REQUEUED
-                log.exception("delivery.crashed")
             await settle_as(message, settlement, "delivery.settle_failed")
-        finally:
-            log.info(
-                "email.processed",
-                outcome=outcome,
-                duration_ms=round((time.perf_counter() - started) * 1000, 2),
-            )
-            structlog.contextvars.clear_contextvars()
 
     async def _process(self, job: DeliveryJob, redelivered: bool) -> EmailOutcome:
         if job.owner_id is None or job.domain is None:

@@ -4,20 +4,23 @@ outage. Outcomes are enums of strings: a log line and a metric label show their 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from worker.broker import settle
-from worker.errors import StoreUnavailable
+from worker.errors import BrokerUnavailable, StoreUnavailable
 
 log = structlog.get_logger("worker.store")
 
 _T = TypeVar("_T")
+_O = TypeVar("_O", bound=StrEnum)
 
 
 class Outcome(StrEnum):
@@ -97,3 +100,61 @@ class StoreRetry:
                 log.warning("store.unavailable", retry_in=delay)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
+
+
+@dataclass(slots=True)
+class Run(Generic[_O]):
+    """One message being processed: its outcome so far, and when it started."""
+
+    outcome: _O
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
+@contextlib.asynccontextmanager
+async def processing(
+    message: AbstractIncomingMessage,
+    logger: Any,
+    name: str,
+    run: Run[_O],
+    *,
+    crashed: _O,
+    cancelled: _O,
+    processed: str | None = None,
+) -> AsyncIterator[Run[_O]]:
+    """What every consumer does around a message: a bug of its own (an exception out of the
+    block) is logged as `<name>.crashed` and the message requeued, since left unsettled it would
+    hold a prefetch slot until its channel closes (requeued, it meets the delivery limit and lands
+    in P.dead); at the end the outcome is logged, with the duration, as `processed` (by default
+    `<name>.processed`), and the log context is cleared."""
+    try:
+        yield run
+    except asyncio.CancelledError:
+        run.outcome = cancelled
+        raise
+    except Exception:
+        logger.exception(f"{name}.crashed")
+        run.outcome = crashed
+        await settle_as(message, "requeue", f"{name}.settle_failed")
+    finally:
+        logger.info(
+            processed or f"{name}.processed",
+            outcome=run.outcome,
+            duration_ms=round(run.seconds * 1000, 2),
+        )
+        structlog.contextvars.clear_contextvars()
+
+
+def failed_attempt(logger: Any, event: str, exc: Exception, delivery_count: int) -> None:
+    """Logs an attempt that failed, with its traceback unless the cause was a passing outage."""
+    transient = isinstance(exc, StoreUnavailable | BrokerUnavailable)
+    logger.warning(
+        event,
+        error=type(exc).__name__,
+        transient=transient,
+        exc_info=not transient,
+        delivery_count=delivery_count,
+    )

@@ -28,7 +28,6 @@ first to record its reply wins, and both send that reply, as a repeat gets the f
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -46,13 +45,12 @@ from worker.errors import (
     BrokerUnavailable,
     CommandError,
     ConcurrentWrite,
-    StoreUnavailable,
 )
 from worker.events import Effect, command_failed
 from worker.gate import Gate, Park
 from worker.handlers.base import Context, Principal, Router, Spec
 from worker.jobs import ProbeJob
-from worker.outcomes import Outcome, StoreRetry
+from worker.outcomes import Outcome, Run, StoreRetry, failed_attempt, processing
 from worker.security import Keyring
 from worker.store import Store, idempotency
 
@@ -87,7 +85,6 @@ class ProbeConsumer:
         self.gate = Gate(PARK_DELAYS, max_waiting=PROBES_WAITING)
 
     async def __call__(self, message: AbstractIncomingMessage) -> None:
-        started = time.perf_counter()
         try:
             job = ProbeJob.load(message.body)
             spec = self.router.get(job.type)
@@ -100,23 +97,15 @@ class ProbeConsumer:
         structlog.contextvars.bind_contextvars(
             type=job.type, message_id=job.message_id, correlation_id=job.correlation_id
         )
-        outcome = Outcome.UNKNOWN
-        try:
-            outcome = await self._process(message, job, spec)
-        except asyncio.CancelledError:
-            outcome = Outcome.CANCELLED
-            raise
-        except Exception:
-            log.exception("probe.crashed")
-            outcome = Outcome.CRASHED
-            await settle(message.reject(requeue=True), "probe.settle_failed")
-        finally:
-            log.info(
-                "probe.processed",
-                outcome=outcome,
-                duration_ms=round((time.perf_counter() - started) * 1000, 2),
-            )
-            structlog.contextvars.clear_contextvars()
+        async with processing(
+            message,
+            log,
+            "probe",
+            Run(Outcome.UNKNOWN),
+            crashed=Outcome.CRASHED,
+            cancelled=Outcome.CANCELLED,
+        ) as run:
+            run.outcome = await self._process(message, job, spec)
 
     async def _process(
         self, message: AbstractIncomingMessage, job: ProbeJob, spec: Spec
@@ -128,15 +117,8 @@ class ProbeConsumer:
         with turn:
             try:
                 answer = await self._answer(job, spec)
-            except Exception as exc:
-                transient = isinstance(exc, StoreUnavailable | BrokerUnavailable)
-                log.warning(
-                    "probe.failed_attempt",
-                    error=type(exc).__name__,
-                    transient=transient,
-                    exc_info=not transient,
-                    delivery_count=meta.delivery_count,
-                )
+            except Exception as exc:  # noqa: BLE001 - logged, traceback and all
+                failed_attempt(log, "probe.failed_attempt", exc, meta.delivery_count)
                 if not meta.last_attempt:
                     await settle(message.reject(requeue=True), "probe.settle_failed")
                     return Outcome.REQUEUED
