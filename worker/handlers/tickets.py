@@ -29,27 +29,14 @@ router = Router()
 
 
 def ticket_out(row: Any) -> t.Ticket:
-    return t.Ticket(
-        sid=row.sid,
-        channel=row.channel,
-        title=row.title,
-        body=row.body,
-        severity=row.severity,
-        dedup_key=row.dedup_key,
-        status=row.status,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        closed_at=row.closed_at,
-        comment=row.comment,
-        hit_count=row.hit_count,
-        last_hit_at=row.last_hit_at,
-        created_by=row.created_by,
-        delivery=t.Delivery(
-            status=row.delivery_status,
-            attempts=row.delivery_attempts,
-            last_error=row.delivery_last_error,
-        ),
+    """The ticket object of a stored ticket: its columns by name (the model ignores the others),
+    and its latest email's state as `delivery`."""
+    delivery = t.Delivery(
+        status=row.delivery_status,
+        attempts=row.delivery_attempts,
+        last_error=row.delivery_last_error,
     )
+    return t.Ticket.model_validate({**row._mapping, "delivery": delivery})
 
 
 async def _own_tickets(ctx: Context, sids: list[str]) -> dict[str, Row[Any]]:
