@@ -61,8 +61,8 @@ from worker.handlers.base import Context, Principal, Router, Spec, authenticate
 from worker.jobs import ProbeJob
 from worker.metrics import Metrics
 from worker.outcomes import (
+    Consumer,
     Outcome,
-    Run,
     Settlement,
     StoreRetry,
     failed_attempt,
@@ -177,7 +177,7 @@ def _bounded(details: Any) -> Any:
     return details[:MAX_DETAILS] if isinstance(details, list) else details
 
 
-class CommandConsumer:
+class CommandConsumer(Consumer):
     """Consumes the command queues; with `unrouted`, P.unrouted, whose messages are all refused."""
 
     def __init__(
@@ -191,11 +191,8 @@ class CommandConsumer:
         router: Router,
         unrouted: bool = False,
     ) -> None:
-        self.settings = settings
+        super().__init__(settings, store, broker, keyring)
         self.router = router
-        self.store = store
-        self.broker = broker
-        self.keyring = keyring
         self.metrics = metrics or Metrics()
         self.unrouted = unrouted
 
@@ -206,11 +203,8 @@ class CommandConsumer:
         structlog.contextvars.bind_contextvars(
             message_id=meta.message_id, correlation_id=meta.correlation_id
         )
-        run = Run(Outcome.UNKNOWN)
         try:
-            async with processing(
-                message, log, "command", run, crashed=Outcome.CRASHED, cancelled=Outcome.CANCELLED
-            ):
+            async with processing(message, log, "command", Outcome) as run:
                 run.outcome = await self._apply(message, meta, await self._decide(message, meta))
         finally:
             # The routing key is the type of every readable command; metrics bound the rest.

@@ -42,8 +42,8 @@ from worker.mail.compose import hit_email, hit_message_id, ticket_email, ticket_
 from worker.mail.relay import Relay, SmtpPool, relay_of
 from worker.metrics import Metrics
 from worker.outcomes import (
+    Consumer,
     EmailOutcome,
-    Run,
     Settlement,
     StoreRetry,
     Unclaimed,
@@ -87,7 +87,7 @@ class Job:
     message: bytes
 
 
-class DeliveryConsumer:
+class DeliveryConsumer(Consumer):
     def __init__(
         self,
         settings: Settings,
@@ -96,10 +96,7 @@ class DeliveryConsumer:
         keyring: Keyring,
         metrics: Metrics | None = None,
     ) -> None:
-        self.settings = settings
-        self.store = store
-        self.broker = broker
-        self.keyring = keyring
+        super().__init__(settings, store, broker, keyring)
         self.metrics = metrics or Metrics()
         self.pool = SmtpPool(max_per_relay=CONNECTIONS_PER_RELAY)
         self.gate = Gate(
@@ -120,15 +117,8 @@ class DeliveryConsumer:
             await settle_as(message, "dead", "delivery.settle_failed")
             return
         structlog.contextvars.bind_contextvars(email_id=job.email_id)
-        # A bug: requeued until the delivery limit dead-letters it into P.dead.
         async with processing(
-            message,
-            log,
-            "delivery",
-            Run(EmailOutcome.UNKNOWN),
-            crashed=EmailOutcome.REQUEUED,
-            cancelled=EmailOutcome.UNKNOWN,
-            processed="email.processed",
+            message, log, "delivery", EmailOutcome, processed="email.processed"
         ) as run:
             settlement: Settlement = "ack"
             try:

@@ -14,8 +14,11 @@ from typing import Any, Generic, Literal, TypeVar
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from worker.broker import settle
+from worker.broker import Broker, settle
+from worker.config import Settings
 from worker.errors import BrokerUnavailable, StoreUnavailable
+from worker.security import Keyring
+from worker.store import Store
 
 log = structlog.get_logger("worker.store")
 
@@ -53,6 +56,8 @@ class EmailOutcome(StrEnum):
     BUSY = "busy"  # another worker holds its lease: looked at again after a delay
     SATURATED = "saturated"  # its relay (shared with another domain) had no free connection
     REQUEUED = "requeued"
+    CRASHED = "crashed"  # a bug of the consumer's own: requeued
+    CANCELLED = "cancelled"  # shutdown
     UNKNOWN = "unknown"
 
 
@@ -114,30 +119,40 @@ class Run(Generic[_O]):
         return time.perf_counter() - self.started
 
 
+class Consumer:
+    """What the command, probe and delivery consumers work with."""
+
+    def __init__(self, settings: Settings, store: Store, broker: Broker, keyring: Keyring) -> None:
+        self.settings = settings
+        self.store = store
+        self.broker = broker
+        self.keyring = keyring
+
+
 @contextlib.asynccontextmanager
 async def processing(
     message: AbstractIncomingMessage,
     logger: Any,
     name: str,
-    run: Run[_O],
+    outcomes: type[_O],
     *,
-    crashed: _O,
-    cancelled: _O,
     processed: str | None = None,
 ) -> AsyncIterator[Run[_O]]:
-    """What every consumer does around a message: a bug of its own (an exception out of the
+    """What every consumer does around a message, whose outcome (one of `outcomes`, `unknown`
+    until set) the block sets on the Run it is given: a bug of its own (an exception out of the
     block) is logged as `<name>.crashed` and the message requeued, since left unsettled it would
     hold a prefetch slot until its channel closes (requeued, it meets the delivery limit and lands
     in P.dead); at the end the outcome is logged, with the duration, as `processed` (by default
     `<name>.processed`), and the log context is cleared."""
+    run = Run(outcomes("unknown"))
     try:
         yield run
     except asyncio.CancelledError:
-        run.outcome = cancelled
+        run.outcome = outcomes("cancelled")
         raise
     except Exception:
         logger.exception(f"{name}.crashed")
-        run.outcome = crashed
+        run.outcome = outcomes("crashed")
         await settle_as(message, "requeue", f"{name}.settle_failed")
     finally:
         logger.info(

@@ -50,7 +50,7 @@ from worker.events import Effect, command_failed
 from worker.gate import Gate, Park
 from worker.handlers.base import Context, Principal, Router, Spec
 from worker.jobs import ProbeJob
-from worker.outcomes import Outcome, Run, StoreRetry, failed_attempt, processing
+from worker.outcomes import Consumer, Outcome, StoreRetry, failed_attempt, processing
 from worker.security import Keyring
 from worker.store import Store, idempotency
 
@@ -73,15 +73,12 @@ class _Answer:
     recorded: bool = False  # found recorded: another job (or this one, before) answered first
 
 
-class ProbeConsumer:
+class ProbeConsumer(Consumer):
     def __init__(
         self, settings: Settings, store: Store, broker: Broker, keyring: Keyring, *, router: Router
     ) -> None:
-        self.settings = settings
+        super().__init__(settings, store, broker, keyring)
         self.router = router
-        self.store = store
-        self.broker = broker
-        self.keyring = keyring
         self.gate = Gate(PARK_DELAYS, max_waiting=PROBES_WAITING)
 
     async def __call__(self, message: AbstractIncomingMessage) -> None:
@@ -97,14 +94,7 @@ class ProbeConsumer:
         structlog.contextvars.bind_contextvars(
             type=job.type, message_id=job.message_id, correlation_id=job.correlation_id
         )
-        async with processing(
-            message,
-            log,
-            "probe",
-            Run(Outcome.UNKNOWN),
-            crashed=Outcome.CRASHED,
-            cancelled=Outcome.CANCELLED,
-        ) as run:
+        async with processing(message, log, "probe", Outcome) as run:
             run.outcome = await self._process(message, job, spec)
 
     async def _process(
