@@ -81,7 +81,7 @@ class Rig:
     def worker_environment(self, **overrides: str) -> dict[str, str]:
         """The environment of the rig's workers; `overrides` are settings, e.g. prefetch="64"."""
         variables = settings_variables(self.settings) | {"database_url": self.database_url}
-        return environment(**variables, log_level="INFO", log_format="json", **overrides)
+        return environment(**variables | {"log_level": "INFO", "log_format": "json"} | overrides)
 
     async def start_worker(self, **overrides: str) -> WorkerProcess:
         """A new `smtp-worker run`; `overrides` are settings, e.g. amqp_url=..., prefetch="64"."""
