@@ -209,8 +209,9 @@ async def tcp_peer(behaviour: Behaviour, host: str = "127.0.0.1") -> AsyncIterat
 
 def password_echoes(user: str, password: str) -> dict[str, str]:
     """Reply texts of a relay that quotes `password`, in every form a relay might: plain, in
-    another case, base64 at each alignment (as inside AUTH PLAIN), hex, URL-encoded, and split
-    by spaces, a NUL or a line break (`multiline` makes the last a multi-line reply)."""
+    another case, base64 at each alignment (as inside AUTH PLAIN) and of the password in another
+    case, hex (with colons too), URL-encoded once or twice, and split by spaces, a NUL, a line
+    break (`multiline` makes it a multi-line reply) or punctuation."""
     secret = password.encode()
     cut = len(password) // 2
 
@@ -235,6 +236,12 @@ def password_echoes(user: str, password: str) -> dict[str, str]:
         "split-by-nul": f"5.7.8 got {password[:cut]}\x00{password[cut:]}",
         "split-by-tab-mixed-case": f"5.7.8 got {password[:cut].upper()}\t{password[cut:]}",
         "split-across-lines": f"5.7.8 got {password[:cut]}\n{password[cut:]} ok",
+        "base64-of-upper": f"5.7.8 got {b64(password.upper().encode())}",
+        "hex-of-upper": f"5.7.8 got {password.upper().encode().hex()}",
+        "hex-with-colons": "5.7.8 got " + ":".join(f"{byte:02x}" for byte in secret),
+        "url-twice": "5.7.8 got "
+        + urllib.parse.quote(urllib.parse.quote(password, safe=""), safe=""),
+        "split-by-punctuation": f"5.7.8 got {password[:cut]}, {password[cut:]}",
     }
 
 
