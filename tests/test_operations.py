@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from sqlalchemy import text
 
 from tests.support.commandline import smtp_worker
 from tests.support.environment import Env
@@ -26,6 +27,7 @@ from tests.support.proxy import Proxy
 from tests.support.smtp_servers import SmtpServer, silent_port
 from tests.support.world import configure
 from worker.app import Worker
+from worker.broker import DELIVERY_LIMIT
 from worker.http import MAX_REQUEST_BYTES, REQUEST_TIMEOUT
 
 ON_POSTGRES = pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
@@ -92,6 +94,35 @@ async def test_metrics_count_a_ticket_and_its_email_sent(
     assert 1 == sample(samples, "smtp_worker_email_duration_seconds_count")
     # The pool keeps the relay's connection open for the next email.
     assert 1 == sample(samples, "smtp_worker_relay_connections")
+
+
+@ON_SQLITE
+async def test_metrics_count_a_duplicate_and_a_poison_requeued_until_dead_lettered(
+    env: Env, worker: Worker, smtp: SmtpServer
+) -> None:
+    world = await configure(env, smtp)
+    message_id = uuid.uuid4().hex
+    sid = (await world.ok("ticket.new", world.ticket_data(), message_id=message_id))["sid"]
+    repeat = await world.ok("ticket.new", world.ticket_data(), message_id=message_id)
+    await world.ok("hit.new", {"sid": sid, "hit": {"summary": "first"}})
+    # A broken row, as a bad manual fix would leave: every hit.new on it collides with hit 1.
+    async with env.store.transaction() as conn:
+        await conn.execute(text("UPDATE tickets SET hit_count = 0 WHERE sid = :sid"), {"sid": sid})
+
+    poison = await world.call("hit.new", {"sid": sid, "hit": {"summary": "again"}}, timeout=60)
+
+    assert sid == repeat["sid"]
+    assert "GeneralError" == poison["error"]["name"]
+    assert 1 == await commands_counted(worker, "ticket.new", "duplicate")
+    assert 1 == await commands_counted(worker, "ticket.new", "success")
+    assert 1 == await commands_counted(worker, "hit.new", "success")
+
+    async def dead_lettered() -> bool:
+        return 1 == await commands_counted(worker, "hit.new", "dead_lettered")
+
+    await eventually(dead_lettered, timeout=10)  # the reject follows the reply
+    # The first delivery, and one more for each return the delivery limit allows.
+    assert DELIVERY_LIMIT == await commands_counted(worker, "hit.new", "requeued")
 
 
 @ON_SQLITE
