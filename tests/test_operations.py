@@ -8,10 +8,12 @@ depends on the store runs on both stores.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -59,6 +61,22 @@ def through(url: str, port: int) -> str:
     credentials = parts.netloc.rpartition("@")[0]
     netloc = f"{credentials}@127.0.0.1:{port}" if credentials else f"127.0.0.1:{port}"
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+@contextlib.asynccontextmanager
+async def worker_behind_proxy(
+    env: Env, setting: str, default_port: int
+) -> AsyncIterator[tuple[Worker, Proxy]]:
+    """The test's worker with `setting` (amqp_url or database_url) through a proxy, ready.
+
+    Stops the worker once the test's block is done with it.
+    """
+    url: str = getattr(env, setting)
+    with Proxy(urlsplit(url).port or default_port) as proxy:
+        worker = await env.start_worker(http="127.0.0.1:0", **{setting: through(url, proxy.port)})
+        assert 200 == (await get(port_of(worker), "/readyz")).status
+        yield worker, proxy
+        await env.workers.pop().stop()
 
 
 async def ready_becomes(port: int, status: int, timeout: float) -> dict[str, object]:
@@ -219,13 +237,7 @@ async def test_healthz_and_readyz_answer_200_while_everything_is_up(worker: Work
 @pytest.mark.faults
 @ON_SQLITE
 async def test_readyz_names_the_broker_while_its_connection_is_cut(env: Env) -> None:
-    amqp_port = urlsplit(env.amqp_url).port or 5672
-    with Proxy(amqp_port) as proxy:
-        worker = await env.start_worker(
-            http="127.0.0.1:0", amqp_url=through(env.amqp_url, proxy.port)
-        )
-        assert 200 == (await get(port_of(worker), "/readyz")).status
-
+    async with worker_behind_proxy(env, "amqp_url", 5672) as (worker, proxy):
         proxy.cut()
         cut = await ready_becomes(port_of(worker), 503, timeout=10)
         assert 200 == (await get(port_of(worker), "/healthz")).status
@@ -234,19 +246,12 @@ async def test_readyz_names_the_broker_while_its_connection_is_cut(env: Env) -> 
 
         assert {"ready": False, "down": ["broker"]} == cut
         assert {"ready": True, "down": []} == restored
-        await env.workers.pop().stop()
 
 
 @pytest.mark.faults
 @ON_POSTGRES
 async def test_readyz_names_the_store_while_it_does_not_answer(env: Env) -> None:
-    store_port = urlsplit(env.database_url).port or 5432
-    with Proxy(store_port) as proxy:
-        worker = await env.start_worker(
-            http="127.0.0.1:0", database_url=through(env.database_url, proxy.port)
-        )
-        assert 200 == (await get(port_of(worker), "/readyz")).status
-
+    async with worker_behind_proxy(env, "database_url", 5432) as (worker, proxy):
         proxy.cut(blackhole=True)
         cut = await ready_becomes(port_of(worker), 503, timeout=10)
         proxy.restore()
@@ -254,7 +259,6 @@ async def test_readyz_names_the_store_while_it_does_not_answer(env: Env) -> None
 
         assert {"ready": False, "down": ["store"]} == cut
         assert {"ready": True, "down": []} == restored
-        await env.workers.pop().stop()
 
 
 @ON_SQLITE
