@@ -12,17 +12,8 @@ from typing import Any
 
 import pytest
 
+from tests.support import hostile
 from tests.support.environment import Env
-from tests.support.hostile import (
-    BODY_SAFE,
-    HEADER_SAFE,
-    HIT_HEADERS,
-    TICKET_HEADERS,
-    defects,
-    quoted,
-    read,
-    text_of,
-)
 from tests.support.payloads import relay_options
 from tests.support.smtp_servers import Received, SmtpServer
 from tests.support.tenants import unique_domain
@@ -38,16 +29,16 @@ def by_sid(received: list[Received]) -> dict[tuple[str, str | None], Received]:
 
 def shape(received: Received) -> dict[str, Any]:
     """What a reader sees of an email's structure."""
-    message = read(received.raw)
+    message = hostile.read(received.raw)
     return {
         "headers": message.keys(),
         "type": (message.get_content_type(), message.get_content_charset()),
         "multipart": message.is_multipart(),
-        "defects": defects(message),
+        "defects": hostile.defects(message),
     }
 
 
-def ticket_shape(headers: list[str] = TICKET_HEADERS) -> dict[str, Any]:
+def ticket_shape(headers: list[str] = hostile.TICKET_HEADERS) -> dict[str, Any]:
     return {
         "headers": headers,
         "type": ("text/plain", "utf-8"),
@@ -60,7 +51,7 @@ async def test_encoded_word_in_a_title_adds_no_bcc(world: World):
     sid = await world.new_ticket(BCC_TITLE)
 
     (received,) = await world.smtp.wait_for(1)
-    message = read(received.raw)
+    message = hostile.read(received.raw)
     assert (ticket_shape(), f"[ops] {BCC_TITLE}", world.recipients) == (
         shape(received),
         message["Subject"],
@@ -77,24 +68,24 @@ async def test_encoded_word_in_a_subject_prefix_adds_no_bcc(env: Env, smtp: Smtp
     (received,) = await smtp.wait_for(1)
     assert (ticket_shape(), f"{BCC_TITLE} Disk full") == (
         shape(received),
-        read(received.raw)["Subject"],
+        hostile.read(received.raw)["Subject"],
     )
 
 
 async def test_every_hostile_title_is_the_subject_literally(world: World):
-    titles = {await world.new_ticket(title): title for title, _ in HEADER_SAFE}
+    titles = {await world.new_ticket(title): title for title, _ in hostile.HEADER_SAFE}
 
     received = by_sid(await world.smtp.wait_for(len(titles)))
 
     assert {sid: (ticket_shape(), f"[ops] {title}") for sid, title in titles.items()} == {
-        sid: (shape(received[sid, None]), read(received[sid, None].raw)["Subject"])
+        sid: (shape(received[sid, None]), hostile.read(received[sid, None].raw)["Subject"])
         for sid in titles
     }
 
 
 async def test_every_hostile_title_is_the_subject_of_its_hits_literally(world: World):
     titles = {}
-    for title, _ in HEADER_SAFE:
+    for title, _ in hostile.HEADER_SAFE:
         sid = await world.new_ticket(title, dedup_key=title[:200])
         # A repeat of the same alert: a hit, emailed as a reply.
         again = await world.ok("ticket.new", world.ticket_data(title, dedup_key=title[:200]))
@@ -104,16 +95,18 @@ async def test_every_hostile_title_is_the_subject_of_its_hits_literally(world: W
     received = by_sid(await world.smtp.wait_for(2 * len(titles)))
 
     expected = {
-        sid: (ticket_shape(HIT_HEADERS), f"Re: [ops] {title}") for sid, title in titles.items()
+        sid: (ticket_shape(hostile.HIT_HEADERS), f"Re: [ops] {title}")
+        for sid, title in titles.items()
     }
     assert expected == {
-        sid: (shape(received[sid, "1"]), read(received[sid, "1"].raw)["Subject"]) for sid in titles
+        sid: (shape(received[sid, "1"]), hostile.read(received[sid, "1"].raw)["Subject"])
+        for sid in titles
     }
 
 
 async def test_every_hostile_subject_prefix_is_in_the_subject_literally(world: World):
     prefixes = {}
-    for index, (prefix, _) in enumerate(HEADER_SAFE):
+    for index, (prefix, _) in enumerate(hostile.HEADER_SAFE):
         channel = f"p{index}"
         await world.settings(
             "settings.channel.put",
@@ -132,13 +125,13 @@ async def test_every_hostile_subject_prefix_is_in_the_subject_literally(world: W
     received = by_sid(await world.smtp.wait_for(len(prefixes)))
 
     assert {sid: (ticket_shape(), f"{prefix} Disk full") for sid, prefix in prefixes.items()} == {
-        sid: (shape(received[sid, None]), read(received[sid, None].raw)["Subject"])
+        sid: (shape(received[sid, None]), hostile.read(received[sid, None].raw)["Subject"])
         for sid in prefixes
     }
 
 
 DISPLAY_NAMES = [
-    *[(text, id_) for text, id_ in HEADER_SAFE if not set("@<>") & set(text)],
+    *[(text, id_) for text, id_ in hostile.HEADER_SAFE if not set("@<>") & set(text)],
     ("=?utf-8?q?=0D=0ABcc:_x=40evil.example?=", "q-bcc-no-at"),
     ("Alerts, Ops", "comma"),
     ('The "Ops" team', "quotes"),
@@ -156,7 +149,7 @@ async def test_every_hostile_display_name_is_the_from_display_name_literally(
             {
                 "domain": domain,
                 "provider": "smtp",
-                "from": f"{quoted(name)} <alerts@{domain}>",
+                "from": f"{hostile.quoted(name)} <alerts@{domain}>",
                 "options": relay_options(smtp),
             },
         )
@@ -173,7 +166,7 @@ async def test_every_hostile_display_name_is_the_from_display_name_literally(
     received = by_sid(await smtp.wait_for(len(names)))
 
     def sender(received: Received) -> tuple[str, str]:
-        (address,) = read(received.raw)["From"].addresses
+        (address,) = hostile.read(received.raw)["From"].addresses
         return address.display_name, address.addr_spec
 
     assert {sid: (ticket_shape(), name) for sid, name in names.items()} == {
@@ -200,7 +193,7 @@ async def test_from_header_is_exactly_the_domains_from(world: World, sender: str
 
 
 async def test_every_hostile_body_is_the_email_body_literally(world: World):
-    bodies = {await world.new_ticket(body=body): body for body, _ in BODY_SAFE}
+    bodies = {await world.new_ticket(body=body): body for body, _ in hostile.BODY_SAFE}
 
     received = by_sid(await world.smtp.wait_for(len(bodies)))
 
@@ -208,14 +201,15 @@ async def test_every_hostile_body_is_the_email_body_literally(world: World):
         sid: (ticket_shape(), f"{body}\n\nSeverity: medium\nTicket: {sid}\n")
         for sid, body in bodies.items()
     } == {
-        sid: (shape(received[sid, None]), text_of(read(received[sid, None].raw))) for sid in bodies
+        sid: (shape(received[sid, None]), hostile.text_of(hostile.read(received[sid, None].raw)))
+        for sid in bodies
     }
 
 
 async def test_every_hostile_summary_and_hit_body_is_the_email_body_literally(world: World):
     sid = await world.new_ticket()
     texts = {}
-    for text, _ in BODY_SAFE:
+    for text, _ in hostile.BODY_SAFE:
         seq = (await world.ok("hit.new", {"sid": sid, "hit": {"summary": text, "body": text}}))[
             "seq"
         ]
@@ -224,6 +218,9 @@ async def test_every_hostile_summary_and_hit_body_is_the_email_body_literally(wo
     received = by_sid(await world.smtp.wait_for(1 + len(texts)))
 
     assert {
-        seq: (ticket_shape(HIT_HEADERS), f"{text}\n\n{text}\n\nTicket: {sid}\nHit: {seq}\n")
+        seq: (ticket_shape(hostile.HIT_HEADERS), f"{text}\n\n{text}\n\nTicket: {sid}\nHit: {seq}\n")
         for seq, text in texts.items()
-    } == {seq: (shape(received[sid, seq]), text_of(read(received[sid, seq].raw))) for seq in texts}
+    } == {
+        seq: (shape(received[sid, seq]), hostile.text_of(hostile.read(received[sid, seq].raw)))
+        for seq in texts
+    }
