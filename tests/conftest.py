@@ -13,7 +13,8 @@ made of is in tests/support.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import pytest
 
@@ -37,14 +38,22 @@ def _docker_answers() -> bool:
     return True
 
 
-@pytest.fixture(scope="session")
-def amqp_url() -> Iterator[str]:
-    url = os.environ.get("SMTP_WORKER_TEST_AMQP_URL")
+def _service(
+    variable: str, name: str, container: Callable[[], AbstractContextManager[str]]
+) -> Iterator[str]:
+    """The URL in `variable` when set, else that of a `container` started for the session."""
+    url = os.environ.get(variable)
     if url:
         yield url
         return
     if not _docker_answers():
-        pytest.skip("no RabbitMQ: set SMTP_WORKER_TEST_AMQP_URL or run a Docker engine")
+        pytest.skip(f"no {name}: set {variable} or run a Docker engine")
+    with container() as url:
+        yield url
+
+
+@contextmanager
+def _rabbitmq_container() -> Iterator[str]:
     from testcontainers.rabbitmq import RabbitMqContainer  # noqa: PLC0415
 
     with RabbitMqContainer("rabbitmq:3.13") as container:
@@ -52,18 +61,22 @@ def amqp_url() -> Iterator[str]:
         yield f"amqp://guest:guest@{params.host}:{params.port}/"
 
 
-@pytest.fixture(scope="session")
-def postgres_admin_url() -> Iterator[str]:
-    url = os.environ.get("SMTP_WORKER_TEST_POSTGRES_URL")
-    if url:
-        yield url
-        return
-    if not _docker_answers():
-        pytest.skip("no PostgreSQL: set SMTP_WORKER_TEST_POSTGRES_URL or run a Docker engine")
+@contextmanager
+def _postgres_container() -> Iterator[str]:
     from testcontainers.postgres import PostgresContainer  # noqa: PLC0415
 
     with PostgresContainer("postgres:16", driver="asyncpg") as container:
         yield container.get_connection_url()
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    yield from _service("SMTP_WORKER_TEST_AMQP_URL", "RabbitMQ", _rabbitmq_container)
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> Iterator[str]:
+    yield from _service("SMTP_WORKER_TEST_POSTGRES_URL", "PostgreSQL", _postgres_container)
 
 
 @pytest.fixture(scope="session")
