@@ -242,25 +242,25 @@ class TestProbeSender:
             assert result.message.endswith("sender accepted")
             assert [] == srv.messages
 
-    async def test_fails_at_sender_when_the_relay_will_not_relay(self) -> None:
-        script = {"RCPT": ["550 5.7.1 relaying denied"]}
-        async with SmtpServer(script=script) as srv:
+    @pytest.mark.parametrize(
+        ("command", "reply"),
+        [
+            ("RCPT", "550 5.7.1 relaying denied"),
+            ("MAIL", "553 5.7.1 sender not owned by this login"),
+        ],
+        ids=["will-not-relay", "refuses-the-sender"],
+    )
+    async def test_fails_at_sender_when_the_relay_says_no(self, command: str, reply: str) -> None:
+        async with SmtpServer(script={command: [reply]}) as srv:
             result = await probe(relay_to(srv, sender=SENDER))
 
-        assert ProbeResult(False, "sender", "550 5.7.1 relaying denied") == result
+        assert ProbeResult(False, "sender", reply) == result
 
     async def test_fails_at_sender_when_the_relay_wants_a_login_we_do_not_give(self) -> None:
         async with SmtpServer(auth=(USER, PASSWORD)) as srv:
             result = await probe(relay_to(srv, username=None, password=None, sender=SENDER))
 
         assert ProbeResult(False, "sender", "530 5.7.0 Authentication required") == result
-
-    async def test_fails_at_sender_when_the_relay_refuses_the_sender(self) -> None:
-        script = {"MAIL": ["553 5.7.1 sender not owned by this login"]}
-        async with SmtpServer(script=script) as srv:
-            result = await probe(relay_to(srv, sender=SENDER))
-
-        assert ProbeResult(False, "sender", "553 5.7.1 sender not owned by this login") == result
 
     async def test_the_relay_can_take_an_email_after_a_probe_on_it(self) -> None:
         # RSET then QUIT: the probe leaves no transaction open behind it.
