@@ -27,7 +27,7 @@ from tests.support.tenants import unique_domain
 from tests.support.world import configure
 from worker.errors import SmtpPermanentError
 from worker.mail import Relay, SmtpPool, probe, ticket_email
-from worker.mail.policy import is_allowed, literal_address
+from worker.mail.policy import Network, is_allowed, literal_address
 from worker.mail.relay import DENIED, NO_CONNECTION
 
 LOCAL = (ip_network("127.0.0.0/8"),)
@@ -244,28 +244,28 @@ async def test_pool_refuses_a_denied_address_for_good_without_connecting(
     assert 0 == smtp.connections
 
 
-async def test_a_name_with_only_denied_addresses_is_refused(
-    smtp: SmtpServer, resolver: FakeResolver
+@pytest.mark.parametrize(
+    ("addresses", "allow", "message"),
+    [
+        (["127.0.0.1", "10.0.0.25", "fd00::25"], (), DENIED),
+        # The server listens on 127.0.0.1, first in the answer but not allowed; nothing listens
+        # on 127.0.0.2, which is.
+        (["127.0.0.1", "127.0.0.2"], (ip_network("127.0.0.2/32"),), NO_CONNECTION),
+    ],
+    ids=["only-denied-addresses-refused", "denied-one-among-allowed-ones"],
+)
+async def test_a_denied_address_of_a_name_is_never_tried(
+    smtp: SmtpServer,
+    resolver: FakeResolver,
+    addresses: list[str],
+    allow: tuple[Network, ...],
+    message: str,
 ) -> None:
-    resolver.names["relay.invalid"] = ["127.0.0.1", "10.0.0.25", "fd00::25"]
-
-    result = await probe(Relay("relay.invalid", smtp.port, timeout=5.0))
-
-    assert (result.stage, result.message) == ("connect", DENIED)
-    assert 0 == smtp.connections
-
-
-async def test_a_denied_address_among_allowed_ones_is_never_tried(
-    smtp: SmtpServer, resolver: FakeResolver
-) -> None:
-    # The server listens on 127.0.0.1, first in the answer but not allowed; nothing listens
-    # on 127.0.0.2, which is.
-    resolver.names["relay.invalid"] = ["127.0.0.1", "127.0.0.2"]
-    allow = (ip_network("127.0.0.2/32"),)
+    resolver.names["relay.invalid"] = addresses
 
     result = await probe(Relay("relay.invalid", smtp.port, timeout=5.0, allow=allow))
 
-    assert (result.stage, result.message) == ("connect", NO_CONNECTION)
+    assert (result.stage, result.message) == ("connect", message)
     assert 0 == smtp.connections
 
 
