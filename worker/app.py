@@ -25,6 +25,7 @@ from worker.handlers import Router, make_router
 from worker.health import Readiness
 from worker.http import HttpServer, endpoints
 from worker.metrics import Metrics
+from worker.outcomes import Parts
 from worker.probes import PROBE_PREFETCH, ProbeConsumer
 from worker.security import Keyring, load_or_create_secret_key
 from worker.store import Store, idempotency, migrate
@@ -105,15 +106,8 @@ class Worker:
             await self.http.start()  # first: a port already taken fails before anything else
         await migrate(self.store)
         await self.broker.connect()
-        consumer = functools.partial(
-            CommandConsumer,
-            self.settings,
-            self.store,
-            self.broker,
-            self.keyring,
-            metrics=self.metrics,
-            router=self.router,
-        )
+        self.parts = Parts(self.settings, self.store, self.broker, self.keyring, self.metrics)
+        consumer = functools.partial(CommandConsumer, self.parts, router=self.router)
         commands = consumer()
         for queue in self.queues:
             if queue in COMMAND_QUEUES:
@@ -125,9 +119,7 @@ class Worker:
             await self.broker.consume("unrouted", tracked, self.settings.prefetch)
         if "settings" in self.queues:
             # Every worker that takes settings commands can run the probes they queue.
-            probes = ProbeConsumer(
-                self.settings, self.store, self.broker, self.keyring, router=self.router
-            )
+            probes = ProbeConsumer(self.parts, router=self.router)
             tracked = self._tracked("probes", probes)
             await self.broker.consume("probes", tracked, PROBE_PREFETCH)
         if "deliveries" in self.queues:
@@ -138,9 +130,7 @@ class Worker:
     async def _start_deliveries(self) -> None:
         from worker.delivery import DeliveryConsumer  # noqa: PLC0415
 
-        self.delivery = DeliveryConsumer(
-            self.settings, self.store, self.broker, self.keyring, metrics=self.metrics
-        )
+        self.delivery = DeliveryConsumer(self.parts)
         self.metrics.relay_connections.set_function(lambda: self.delivery.pool.connections)
         tracked = self._tracked("deliveries", self.delivery)
         await self.broker.consume("deliveries", tracked, DELIVERY_PREFETCH)

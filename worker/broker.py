@@ -379,7 +379,9 @@ class Broker:
         """Publishes a persistent message and waits for the broker's confirm."""
         assert self._publisher is not None
         self._require_connection()
-        message = _message(body, message_id, correlation_id, type_, headers)
+        message = json_message(
+            body, message_id=message_id, correlation_id=correlation_id, type_=type_, headers=headers
+        )
         target = self._publisher.default_exchange if exchange == "" else self._exchanges[exchange]
         try:
             await _confirmed(self._publisher, target, message, routing_key)
@@ -515,7 +517,7 @@ class Broker:
     def reply_message(
         body: bytes, correlation_id: str | None, type_: str | None, headers: dict[str, Any]
     ) -> aio_pika.Message:
-        return _message(body, None, correlation_id, type_, headers)
+        return json_message(body, correlation_id=correlation_id, type_=type_, headers=headers)
 
     # --- reply_to -------------------------------------------------------------------------------
 
@@ -597,13 +599,16 @@ class Broker:
         self._consumers.clear()
 
 
-def _message(
+def json_message(
     body: bytes,
-    message_id: str | None,
-    correlation_id: str | None,
-    type_: str | None,
-    headers: dict[str, Any] | None,
+    *,
+    message_id: str | None = None,
+    correlation_id: str | None = None,
+    type_: str | None = None,
+    headers: dict[str, Any] | None = None,
+    reply_to: str | None = None,
 ) -> aio_pika.Message:
+    """A persistent `application/json` message, as the worker and its client publish them."""
     return aio_pika.Message(
         body,
         content_type="application/json",
@@ -612,6 +617,7 @@ def _message(
         correlation_id=correlation_id,
         type=type_,
         headers=headers,
+        reply_to=reply_to,
     )
 
 

@@ -42,8 +42,7 @@ from pydantic_core import to_json
 
 from schemas import CommandBody
 from worker import parsing
-from worker.broker import DELIVERY_LIMIT, Broker
-from worker.config import Settings
+from worker.broker import DELIVERY_LIMIT
 from worker.errors import (
     GENERAL_ERROR_MESSAGE,
     AuthenticationError,
@@ -59,10 +58,10 @@ from worker.errors import (
 from worker.events import Effect, command_failed
 from worker.handlers.base import Context, Principal, Router, Spec, authenticate
 from worker.jobs import ProbeJob
-from worker.metrics import Metrics
 from worker.outcomes import (
     Consumer,
     Outcome,
+    Parts,
     Settlement,
     StoreRetry,
     failed_attempt,
@@ -70,8 +69,7 @@ from worker.outcomes import (
     settle_as,
 )
 from worker.parsing import MAX_DETAILS, Envelope
-from worker.security import Keyring
-from worker.store import Store, idempotency
+from worker.store import idempotency
 
 log = structlog.get_logger("worker.consumer")
 
@@ -180,20 +178,9 @@ def _bounded(details: Any) -> Any:
 class CommandConsumer(Consumer):
     """Consumes the command queues; with `unrouted`, P.unrouted, whose messages are all refused."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        store: Store,
-        broker: Broker,
-        keyring: Keyring,
-        metrics: Metrics | None = None,
-        *,
-        router: Router,
-        unrouted: bool = False,
-    ) -> None:
-        super().__init__(settings, store, broker, keyring)
+    def __init__(self, parts: Parts, *, router: Router, unrouted: bool = False) -> None:
+        super().__init__(parts)
         self.router = router
-        self.metrics = metrics or Metrics()
         self.unrouted = unrouted
 
     # --- the message's fate ---------------------------------------------------------------------
@@ -366,9 +353,7 @@ class CommandConsumer(Consumer):
                     raise AuthenticationError()
                 principal = await authenticate(conn, self.keyring, spec.auth, auth)
                 if meta.message_id is not None:
-                    found = await idempotency.find(
-                        conn, principal.owner_id, principal.user or "", meta.message_id, now
-                    )
+                    found = await idempotency.find(conn, _key(principal, meta.message_id), now)
                     if found is not None:
                         if found.type != spec.type:
                             raise _MessageIdReused()
@@ -420,19 +405,11 @@ class CommandConsumer(Consumer):
         if meta.message_id is None:
             return
         secret = spec.secret and status == "success"
-        await idempotency.record(
-            conn,
-            owner_id=principal.owner_id,
-            principal=principal.user or "",
-            message_id=meta.message_id,
-            type_=spec.type,
-            status=status,
-            reply=self.keyring.encrypt(reply.decode()).encode() if secret else reply,
-            secret=secret,
-            effects=effects,
-            now=now,
-            ttl=self.settings.idempotency_ttl,
-        )
+        if secret:
+            reply = self.keyring.encrypt(reply.decode()).encode()
+        processed = idempotency.Processed(spec.type, reply, secret, effects, status)
+        key = _key(principal, meta.message_id)
+        await idempotency.record(conn, key, processed, now, self.settings.idempotency_ttl)
 
     async def _refused(
         self, spec: Spec, principal: Principal | None, meta: Meta, exc: CommandError, now: datetime
@@ -447,6 +424,10 @@ class CommandConsumer(Consumer):
             async with self.store.transaction() as conn:
                 await self._record(conn, principal, meta, spec, "error", reply, effects, now)
         return Result(reply, effects, Outcome.REFUSED, "error")
+
+
+def _key(principal: Principal, message_id: str) -> idempotency.Key:
+    return idempotency.Key(principal.owner_id, principal.user or "", message_id)
 
 
 def _returned(message: AbstractIncomingMessage) -> bool:

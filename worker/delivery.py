@@ -28,8 +28,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from schemas._types import split_mailbox
-from worker.broker import PARK_DELAYS, Broker
-from worker.config import Settings
+from worker.broker import PARK_DELAYS
 from worker.errors import (
     SmtpPermanentError,
     SmtpTransientError,
@@ -40,18 +39,17 @@ from worker.gate import Gate, Park, Turn
 from worker.jobs import DeliveryJob
 from worker.mail.compose import hit_email, hit_message_id, ticket_email, ticket_message_id
 from worker.mail.relay import Relay, SmtpPool, relay_of
-from worker.metrics import Metrics
 from worker.outcomes import (
     Consumer,
     EmailOutcome,
+    Parts,
     Settlement,
     StoreRetry,
     Unclaimed,
     processing,
     settle_as,
 )
-from worker.security import Keyring
-from worker.store import Row, Store, emails
+from worker.store import Row, emails
 
 log = structlog.get_logger("worker.delivery")
 
@@ -88,16 +86,8 @@ class Job:
 
 
 class DeliveryConsumer(Consumer):
-    def __init__(
-        self,
-        settings: Settings,
-        store: Store,
-        broker: Broker,
-        keyring: Keyring,
-        metrics: Metrics | None = None,
-    ) -> None:
-        super().__init__(settings, store, broker, keyring)
-        self.metrics = metrics or Metrics()
+    def __init__(self, parts: Parts) -> None:
+        super().__init__(parts)
         self.pool = SmtpPool(max_per_relay=CONNECTIONS_PER_RELAY)
         self.gate = Gate(
             PARK_DELAYS,

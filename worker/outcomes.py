@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
@@ -19,6 +19,9 @@ from worker.config import Settings
 from worker.errors import BrokerUnavailable, StoreUnavailable
 from worker.security import Keyring
 from worker.store import Store
+
+if TYPE_CHECKING:
+    from worker.metrics import Metrics  # which counts these outcomes
 
 log = structlog.get_logger("worker.store")
 
@@ -119,14 +122,24 @@ class Run(Generic[_O]):
         return time.perf_counter() - self.started
 
 
-class Consumer:
-    """What the command, probe and delivery consumers work with."""
+@dataclass(frozen=True, slots=True)
+class Parts:
+    """What the command, probe and delivery consumers work with: the worker's own."""
 
-    def __init__(self, settings: Settings, store: Store, broker: Broker, keyring: Keyring) -> None:
-        self.settings = settings
-        self.store = store
-        self.broker = broker
-        self.keyring = keyring
+    settings: Settings
+    store: Store
+    broker: Broker
+    keyring: Keyring
+    metrics: Metrics
+
+
+class Consumer:
+    def __init__(self, parts: Parts) -> None:
+        self.settings = parts.settings
+        self.store = parts.store
+        self.broker = parts.broker
+        self.keyring = parts.keyring
+        self.metrics = parts.metrics
 
 
 @contextlib.asynccontextmanager

@@ -37,8 +37,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from schemas import COMMANDS
-from worker.broker import PARK_DELAYS, Broker, settle
-from worker.config import Settings
+from worker.broker import PARK_DELAYS, settle
 from worker.consumer import Meta, _returned, error_reply, success_reply
 from worker.errors import (
     GENERAL_ERROR_MESSAGE,
@@ -50,9 +49,8 @@ from worker.events import Effect, command_failed
 from worker.gate import Gate, Park
 from worker.handlers.base import Context, Principal, Router, Spec
 from worker.jobs import ProbeJob
-from worker.outcomes import Consumer, Outcome, StoreRetry, failed_attempt, processing
-from worker.security import Keyring
-from worker.store import Store, idempotency
+from worker.outcomes import Consumer, Outcome, Parts, StoreRetry, failed_attempt, processing
+from worker.store import idempotency
 
 log = structlog.get_logger("worker.probes")
 
@@ -74,10 +72,8 @@ class _Answer:
 
 
 class ProbeConsumer(Consumer):
-    def __init__(
-        self, settings: Settings, store: Store, broker: Broker, keyring: Keyring, *, router: Router
-    ) -> None:
-        super().__init__(settings, store, broker, keyring)
+    def __init__(self, parts: Parts, *, router: Router) -> None:
+        super().__init__(parts)
         self.router = router
         self.gate = Gate(PARK_DELAYS, max_waiting=PROBES_WAITING)
 
@@ -179,7 +175,7 @@ class ProbeConsumer(Consumer):
         if job.message_id is None:
             return None
         async with self.store.transaction() as conn:
-            found = await idempotency.find(conn, job.owner_id, job.user or "", job.message_id, now)
+            found = await idempotency.find(conn, _key(job), now)
         if found is None:
             return None
         return _Answer(found.reply, found.status, found.effects, recorded=True)
@@ -192,19 +188,12 @@ class ProbeConsumer(Consumer):
         now = datetime.now(UTC)
         try:
             async with self.store.transaction() as conn:
-                await idempotency.record(
-                    conn,
-                    owner_id=job.owner_id,
-                    principal=job.user or "",
-                    message_id=job.message_id,
-                    type_=job.type,
-                    status=answer.status,
-                    reply=answer.reply,
-                    secret=False,  # a probe's reply holds no secret
-                    effects=answer.effects,
-                    now=now,
-                    ttl=self.settings.idempotency_ttl,
+                # A probe's reply holds no secret.
+                processed = idempotency.Processed(
+                    job.type, answer.reply, False, answer.effects, answer.status
                 )
+                ttl = self.settings.idempotency_ttl
+                await idempotency.record(conn, _key(job), processed, now, ttl)
         except ConcurrentWrite:
             first = await self._recorded(job, now)
             if first is None:
@@ -240,3 +229,8 @@ class ProbeConsumer(Consumer):
             )
         except BrokerUnavailable:
             log.warning("probe.reply_failed")
+
+
+def _key(job: ProbeJob) -> idempotency.Key:
+    assert job.message_id is not None
+    return idempotency.Key(job.owner_id, job.user or "", job.message_id)

@@ -18,7 +18,6 @@ from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any, Self
 
-import aio_pika
 import pydantic
 import structlog
 from aio_pika.abc import (
@@ -38,7 +37,7 @@ from aiormq.exceptions import (
 )
 
 from schemas import Event, Reply, parse_event
-from worker.broker import Names
+from worker.broker import Names, json_message
 from worker.client.commands import Commands
 from worker.client.errors import (
     BrokerUnreachable,
@@ -200,10 +199,8 @@ class Client(Commands, _Opened):
         try:
             exchange = await self._commands_exchange(channel)
             await exchange.publish(
-                aio_pika.Message(
+                json_message(
                     body,
-                    content_type="application/json",
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                     message_id=message_id,
                     correlation_id=correlation_id,
                     reply_to=DIRECT_REPLY_TO,

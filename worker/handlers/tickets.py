@@ -206,34 +206,27 @@ async def _set_ack(ctx: Context, sids: list[str], status: str, event: str) -> t.
     return t.Done()
 
 
+def _sids(data: t.TicketRef | t.TicketClose | t.TicketRefs | t.TicketCloseMany) -> list[str]:
+    """The tickets a command names: one (`sid`), or a batch (`sids`)."""
+    return [data.sid] if isinstance(data, t.TicketRef | t.TicketClose) else data.sids
+
+
 @router.command("ticket.close", "user")
-async def close_ticket(ctx: Context, data: t.TicketClose) -> t.Done:
-    return await _close(ctx, [data.sid], data.comment)
-
-
 @router.command("ticket.close_many", "user")
-async def close_tickets(ctx: Context, data: t.TicketCloseMany) -> t.Done:
-    return await _close(ctx, data.sids, data.comment)
+async def close_tickets(ctx: Context, data: t.TicketClose | t.TicketCloseMany) -> t.Done:
+    return await _close(ctx, _sids(data), data.comment)
 
 
 @router.command("ticket.ack", "user")
-async def ack_ticket(ctx: Context, data: t.TicketRef) -> t.Done:
-    return await _set_ack(ctx, [data.sid], "acknowledged", "ticket.acked")
-
-
 @router.command("ticket.ack_many", "user")
-async def ack_tickets(ctx: Context, data: t.TicketRefs) -> t.Done:
-    return await _set_ack(ctx, data.sids, "acknowledged", "ticket.acked")
+async def ack_tickets(ctx: Context, data: t.TicketRef | t.TicketRefs) -> t.Done:
+    return await _set_ack(ctx, _sids(data), "acknowledged", "ticket.acked")
 
 
 @router.command("ticket.unack", "user")
-async def unack_ticket(ctx: Context, data: t.TicketRef) -> t.Done:
-    return await _set_ack(ctx, [data.sid], "unacknowledged", "ticket.unacked")
-
-
 @router.command("ticket.unack_many", "user")
-async def unack_tickets(ctx: Context, data: t.TicketRefs) -> t.Done:
-    return await _set_ack(ctx, data.sids, "unacknowledged", "ticket.unacked")
+async def unack_tickets(ctx: Context, data: t.TicketRef | t.TicketRefs) -> t.Done:
+    return await _set_ack(ctx, _sids(data), "unacknowledged", "ticket.unacked")
 
 
 # --- hits ---------------------------------------------------------------------------------------

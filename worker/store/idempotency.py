@@ -40,46 +40,49 @@ _FORGET = delete(pc).where(*_KEY)
 _RECORD = insert(pc)
 
 
-async def find(
-    conn: AsyncConnection, owner_id: str, principal: str, message_id: str, now: datetime
-) -> Processed | None:
-    key = {"owner_id": owner_id, "principal": principal, "message_id": message_id}
-    row = (await conn.execute(_FIND, key)).first()
+@dataclass(frozen=True, slots=True)
+class Key:
+    """What a record is kept under: the owner, the principal ("" for the owner's token, else the
+    SMTP user's login) and the command's message_id."""
+
+    owner_id: str
+    principal: str
+    message_id: str
+
+    def params(self) -> dict[str, str]:
+        return {
+            "owner_id": self.owner_id,
+            "principal": self.principal,
+            "message_id": self.message_id,
+        }
+
+
+async def find(conn: AsyncConnection, key: Key, now: datetime) -> Processed | None:
+    row = (await conn.execute(_FIND, key.params())).first()
     if row is None:
         return None
     if row.expires_at <= now:
         # Forgotten: clear the way for this command's own record (the sweeper may be late).
-        await conn.execute(_FORGET, key)
+        await conn.execute(_FORGET, key.params())
         return None
     effects = [Effect.load(e) for e in json.loads(row.effects)]
     return Processed(row.type, row.reply.encode(), bool(row.secret), effects, row.status)
 
 
 async def record(
-    conn: AsyncConnection,
-    *,
-    owner_id: str,
-    principal: str,
-    message_id: str,
-    type_: str,
-    status: str,
-    reply: bytes,
-    secret: bool,
-    effects: list[Effect],
-    now: datetime,
-    ttl: float,
+    conn: AsyncConnection, key: Key, processed: Processed, now: datetime, ttl: float
 ) -> None:
+    """Keeps what the command `key` names did, for `ttl` seconds (its `reply` as given: one
+    holding a secret arrives encrypted)."""
     await conn.execute(
         _RECORD,
         {
-            "owner_id": owner_id,
-            "principal": principal,
-            "message_id": message_id,
-            "type": type_,
-            "status": status,
-            "reply": reply.decode(),
-            "secret": secret,
-            "effects": json.dumps([e.dump() for e in effects]),
+            **key.params(),
+            "type": processed.type,
+            "status": processed.status,
+            "reply": processed.reply.decode(),
+            "secret": processed.secret,
+            "effects": json.dumps([e.dump() for e in processed.effects]),
             "expires_at": now + timedelta(seconds=ttl),
         },
     )
