@@ -176,16 +176,22 @@ async def throw(client: Client, ledger: Ledger, batch: list[tuple[str, bytes, st
             assert parsed.error.name != "GeneralError", f"{sent.body!r} crashed the worker"
 
 
-def run_hypothesis(
-    loop: asyncio.AbstractEventLoop, client: Client, owner: Any, ledger: Ledger
-) -> None:
-    @settings(
-        max_examples=MAX_EXAMPLES,
+def examples_of(max_examples: int, *also_suppressed: HealthCheck) -> settings:
+    """Hypothesis settings of a fuzz test: no deadline, no example database, a blob to replay a
+    failure with, and examples as slow as a broker round trip makes them."""
+    return settings(
+        max_examples=max_examples,
         deadline=None,
         database=None,
         print_blob=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        suppress_health_check=[HealthCheck.too_slow, *also_suppressed],
     )
+
+
+def run_hypothesis(
+    loop: asyncio.AbstractEventLoop, client: Client, owner: Any, ledger: Ledger
+) -> None:
+    @examples_of(MAX_EXAMPLES, HealthCheck.data_too_large)
     @given(batch=st.lists(messages(owner), min_size=1, max_size=BATCH))
     def batches(batch: list[tuple[str, bytes, str | None]]) -> None:
         asyncio.run_coroutine_threadsafe(throw(client, ledger, batch), loop).result()
@@ -396,13 +402,7 @@ async def test_hostile_text_in_any_field_is_refused_or_shown_literally(
         world = await configure(env, smtp)
         loop = asyncio.get_running_loop()
 
-        @settings(
-            max_examples=MAX_TEXT_EXAMPLES,
-            deadline=None,
-            database=None,
-            print_blob=True,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-        )
+        @examples_of(MAX_TEXT_EXAMPLES, HealthCheck.filter_too_much)
         @given(field=st.sampled_from(TEXT_FIELDS), text=HOSTILE_TEXT)
         def examples(field: str, text: str) -> None:
             event(f"{field}: {'accepted' if acceptable(field, text) else 'refused'}")
