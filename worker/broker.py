@@ -38,7 +38,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
@@ -96,31 +96,19 @@ NODES_DOWN_KEPT = 1024
 
 @dataclass(frozen=True, slots=True)
 class Names:
+    """The names of the exchanges and queues of contract section 2, under `prefix`."""
+
     prefix: str
+    commands: str = field(init=False)
+    events: str = field(init=False)
+    dead: str = field(init=False)
+    deliveries: str = field(init=False)
+    unrouted: str = field(init=False)
+    probes: str = field(init=False)
 
-    @property
-    def commands(self) -> str:
-        return f"{self.prefix}.commands"
-
-    @property
-    def events(self) -> str:
-        return f"{self.prefix}.events"
-
-    @property
-    def dead(self) -> str:
-        return f"{self.prefix}.dead"
-
-    @property
-    def deliveries(self) -> str:
-        return f"{self.prefix}.deliveries"
-
-    @property
-    def unrouted(self) -> str:
-        return f"{self.prefix}.unrouted"
-
-    @property
-    def probes(self) -> str:
-        return f"{self.prefix}.probes"
+    def __post_init__(self) -> None:
+        for short in ("commands", "events", "dead", "deliveries", "unrouted", "probes"):
+            object.__setattr__(self, short, f"{self.prefix}.{short}")
 
     def queue(self, short: str) -> str:
         return f"{self.prefix}.{short}"

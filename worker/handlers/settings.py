@@ -227,16 +227,15 @@ def current_hour(ctx: Context) -> int:
     return int(ctx.now.timestamp()) // 3600
 
 
+# The user object's fields a stored user has under the same names.
+_USER_COLUMNS = ("status", "total_limit", "hourly_limit", "total_sent", "created_at")
+
+
 def _user_out(row: Any, hour: int) -> s.SmtpUser:
-    return s.SmtpUser(
-        smtp_user_name=row.name,
-        status=row.status,
-        total_limit=row.total_limit,
-        hourly_limit=row.hourly_limit,
-        total_sent=row.total_sent,
-        hourly_sent=row.hourly_sent if row.sent_hour == hour else 0,
-        created_at=row.created_at,
-    )
+    """The user object: never its password hash; `hourly_sent` counts the current hour only."""
+    columns = {name: getattr(row, name) for name in _USER_COLUMNS}
+    sent = row.hourly_sent if row.sent_hour == hour else 0
+    return s.SmtpUser(smtp_user_name=row.name, hourly_sent=sent, **columns)
 
 
 async def _own_user(ctx: Context, name: str) -> Row[Any]:
