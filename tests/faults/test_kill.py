@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.support.rig import Rig, figure
+from tests.support.rig import Rig
 
 pytestmark = pytest.mark.faults
 
@@ -46,27 +46,22 @@ async def test_a_worker_killed_mid_load_loses_no_command_and_no_email(rig: Rig) 
     delivered_at = time.monotonic()
 
     tickets = await rig.query("SELECT count(*) AS n FROM tickets")
-    received = rig.emails_by_sid()
-    duplicates = {sid for sid, times in received.items() if times > 1}
-    dead = await rig.load.dead()
-    figure(
+    after = await rig.aftermath(ids)
+    duplicates = {sid for sid, times in after.received.items() if times > 1}
+    after.figure(
         "kill -9",
-        commands=COMMANDS,
         answered_at_kill=answered_at_kill,
         emails_at_kill=emails_at_kill,
         emails_in_flight_at_kill=len(in_flight),
-        replies=sum(len(rig.load.replies[i]) for i in ids),
         all_answered_s=round(answered_at - started, 1),
         all_emailed_s=round(delivered_at - started, 1),
         after_kill_s=round(delivered_at - killed_at, 1),
         tickets=tickets[0].n,
-        emails=sum(received.values()),
-        duplicate_emails=sum(received[sid] - 1 for sid in duplicates),
+        duplicate_emails=sum(after.received[sid] - 1 for sid in duplicates),
         second_worker=dict(second.outcomes()),
-        dead=len(dead),
     )
     assert COMMANDS == len(set(sids.values()))
     assert COMMANDS == tickets[0].n
-    assert set(sids.values()) == set(received)
+    assert set(sids.values()) == set(after.received)
     assert duplicates <= in_flight
-    assert [] == dead
+    assert [] == after.dead

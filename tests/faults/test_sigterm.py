@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.rig import Rig, figure
+from tests.support.rig import Rig
 
 pytestmark = pytest.mark.faults
 
@@ -34,11 +34,9 @@ async def test_sigterm_mid_load_finishes_what_is_in_flight_and_exits_0(rig: Rig)
     sids = rig.replies_of(ids)
     assert await rig.wait_emails(set(sids.values()), timeout=60)
 
-    received = rig.emails_by_sid()
-    dead = await rig.load.dead()
-    figure(
+    after = await rig.aftermath(ids)
+    after.figure(
         "SIGTERM",
-        commands=COMMANDS,
         exit_code=code,
         exit_s=round(seconds, 2),
         grace_s=GRACE,
@@ -46,9 +44,6 @@ async def test_sigterm_mid_load_finishes_what_is_in_flight_and_exits_0(rig: Rig)
         answered_by_first=answered_by_first,
         first_worker=dict(executed_by_first),
         second_worker=dict(second.outcomes()),
-        replies=sum(len(rig.load.replies[i]) for i in ids),
-        emails=sum(received.values()),
-        dead=len(dead),
     )
     assert (0, True) == (code, seconds < GRACE)
     assert 0 == first.count("worker.grace_expired")
@@ -59,5 +54,5 @@ async def test_sigterm_mid_load_finishes_what_is_in_flight_and_exits_0(rig: Rig)
     # executed (a "duplicate"), and nothing was answered twice.
     assert {"success": COMMANDS - answered_by_first} == second.outcomes()
     assert [1] * COMMANDS == [len(rig.load.replies[i]) for i in ids]
-    assert COMMANDS == sum(received.values()) == len(received)
-    assert [] == dead
+    assert COMMANDS == sum(after.received.values()) == len(after.received)
+    assert [] == after.dead

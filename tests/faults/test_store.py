@@ -49,11 +49,9 @@ async def test_commands_wait_out_a_10_s_store_outage_and_all_succeed(rig: Rig) -
     finished = time.monotonic()
 
     tickets = await rig.query("SELECT count(*) AS n FROM tickets")
-    received = rig.emails_by_sid()
-    dead = await rig.load.dead()
-    figure(
+    after = await rig.aftermath(ids)
+    after.figure(
         "store outage",
-        commands=COMMANDS,
         outage_s=OUTAGE,
         answered_before=answered_before,
         answered_during=answered_during,
@@ -62,14 +60,11 @@ async def test_commands_wait_out_a_10_s_store_outage_and_all_succeed(rig: Rig) -
         store_retries=worker.count("store.unavailable"),
         commands_processed=dict(worker.outcomes()),
         emails_processed=dict(worker.outcomes("email.processed")),
-        replies=sum(len(rig.load.replies[i]) for i in ids),
         tickets=tickets[0].n,
-        emails=sum(received.values()),
-        dead=len(dead),
     )
     assert COMMANDS == len(set(sids.values())) == tickets[0].n
-    assert COMMANDS == sum(received.values()) == len(received)
-    assert [] == dead
+    assert COMMANDS == sum(after.received.values()) == len(after.received)
+    assert [] == after.dead
 
 
 async def test_a_commit_whose_answer_is_lost_still_sends_its_reply_events_and_email(

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aio_pika.abc
 from sqlalchemy import make_url, text
 
 from tests.support.broker import delete_prefix
@@ -42,6 +43,27 @@ def figure(scenario: str, **values: Any) -> None:
     line = f"{scenario}: " + ", ".join(f"{key}={value}" for key, value in values.items())
     print(line, flush=True)
     FIGURES.append(line)
+
+
+@dataclass(frozen=True)
+class Aftermath:
+    """What a load of commands left once they were all answered (`Rig.aftermath`)."""
+
+    commands: int
+    received: Counter[str]  # as `Rig.emails_by_sid`
+    dead: list[aio_pika.abc.AbstractIncomingMessage]
+    replies: int
+
+    def figure(self, scenario: str, **values: Any) -> None:
+        """`figure` of the scenario: its commands, `values`, then replies, emails, dead letters."""
+        figure(
+            scenario,
+            commands=self.commands,
+            **values,
+            replies=self.replies,
+            emails=sum(self.received.values()),
+            dead=len(self.dead),
+        )
 
 
 @dataclass
@@ -141,6 +163,14 @@ class Rig:
     def emails_by_sid(self) -> Counter[str]:
         """How many times the SMTP server received each ticket's email."""
         return Counter(str(m.message["X-Ticket-SID"]) for m in self.smtp.messages)
+
+    async def aftermath(self, message_ids: list[str]) -> Aftermath:
+        """The emails received, the dead letters taken from P.dead, and the replies to
+        `message_ids`."""
+        received = self.emails_by_sid()
+        dead = await self.load.dead()
+        replies = sum(len(self.load.replies[i]) for i in message_ids)
+        return Aftermath(len(message_ids), received, dead, replies)
 
     async def wait_emails(self, sids: set[str], timeout: float) -> bool:
         return await wait_until(lambda: sids <= set(self.emails_by_sid()), timeout, step=0.2)
