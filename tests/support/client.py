@@ -70,17 +70,18 @@ class Client:
         self.events.append(json.loads(message.body))
 
     async def publish(
-        self,
-        body: bytes,
-        routing_key: str,
-        *,
-        message_id: str | None = None,
-        correlation_id: str | None = None,
-        reply: bool = True,
-        headers: dict[str, Any] | None = None,
+        self, body: bytes, routing_key: str, *, reply: bool = True, **properties: Any
     ) -> asyncio.Future[aio_pika.abc.AbstractIncomingMessage] | None:
-        """Publishes raw bytes to P.commands; returns the future of the reply."""
-        correlation_id = correlation_id or message_id or uuid.uuid4().hex
+        """Publishes raw bytes to P.commands; returns the future of the reply.
+
+        `properties` are the message's other AMQP properties (`message_id`, `headers`, ...); its
+        correlation_id, unless given, is its message_id or a new one.
+        """
+        correlation_id = (
+            properties.pop("correlation_id", None)
+            or properties.get("message_id")
+            or uuid.uuid4().hex
+        )
         future: asyncio.Future[aio_pika.abc.AbstractIncomingMessage] | None = None
         if reply:
             future = asyncio.get_running_loop().create_future()
@@ -90,51 +91,36 @@ class Client:
             aio_pika.Message(
                 body,
                 content_type="application/json",
-                message_id=message_id,
                 correlation_id=correlation_id,
                 reply_to=self.reply_queue.name if reply else None,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                headers=headers,
+                **properties,
             ),
             routing_key=routing_key,
         )
         return future
 
     async def call_raw(
-        self,
-        body: bytes,
-        routing_key: str,
-        *,
-        message_id: str | None = None,
-        timeout: float = 20,
+        self, body: bytes, routing_key: str, *, timeout: float = 20, **properties: Any
     ) -> aio_pika.abc.AbstractIncomingMessage:
-        future = await self.publish(body, routing_key, message_id=message_id)
+        """Publishes raw bytes and waits for their reply; `properties` as `publish`'s."""
+        future = await self.publish(body, routing_key, **properties)
         assert future is not None
         return await asyncio.wait_for(future, timeout)
 
-    async def call(
-        self,
-        type_: str,
-        auth: Any,
-        data: Any = None,
-        *,
-        message_id: str | None = None,
-        timeout: float = 20,
-    ) -> dict[str, Any]:
-        """Sends one command and returns its reply body."""
+    async def call(self, type_: str, auth: Any, data: Any = None, **kw: Any) -> dict[str, Any]:
+        """Sends one command and returns its reply body; `kw` as `call_raw`'s."""
         body: dict[str, Any] = {"type": type_, "auth": auth}
         if data is not None:
             body["data"] = data
         remember_secrets(body)
-        message = await self.call_raw(
-            json.dumps(body).encode(), type_, message_id=message_id, timeout=timeout
-        )
+        message = await self.call_raw(json.dumps(body).encode(), type_, **kw)
         reply: dict[str, Any] = json.loads(message.body)
         remember_secrets(reply)
         return reply
 
     async def ok(self, type_: str, auth: Any, data: Any = None, **kw: Any) -> dict[str, Any]:
-        """Sends one command that must succeed, and returns the reply's `data`."""
+        """Sends one command that must succeed, and returns the reply's `data`; `kw` as `call`'s."""
         reply = await self.call(type_, auth, data, **kw)
         assert reply["status"] == "success", reply
         result: dict[str, Any] = reply["data"]
