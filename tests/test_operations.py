@@ -27,7 +27,7 @@ from tests.support.logs import SECRET_KEY
 from tests.support.polling import eventually
 from tests.support.proxy import Proxy
 from tests.support.smtp_servers import SmtpServer, silent_port
-from tests.support.world import configure
+from tests.support.world import World, configure
 from worker.app import Worker
 from worker.broker import DELIVERY_LIMIT
 from worker.http import MAX_REQUEST_BYTES, REQUEST_TIMEOUT
@@ -38,7 +38,8 @@ ON_SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 @pytest.fixture
 async def worker(env: Env) -> Worker:
-    """The test's only worker, serving HTTP on a free port."""
+    """The test's only worker, serving HTTP on a free port; a test asks for it before `world`,
+    whose settings it then counts."""
     while env.workers:
         await env.workers.pop().stop()
     return await env.start_worker(http="127.0.0.1:0")
@@ -95,9 +96,8 @@ async def ready_becomes(port: int, status: int, timeout: float) -> dict[str, obj
 
 
 async def test_metrics_count_a_ticket_and_its_email_sent(
-    env: Env, worker: Worker, smtp: SmtpServer
+    env: Env, worker: Worker, world: World
 ) -> None:
-    world = await configure(env, smtp)
     await world.new_ticket()
     await env.client.wait_events("email.sent")
 
@@ -116,9 +116,8 @@ async def test_metrics_count_a_ticket_and_its_email_sent(
 
 @ON_SQLITE
 async def test_metrics_count_a_duplicate_and_a_poison_requeued_until_dead_lettered(
-    env: Env, worker: Worker, smtp: SmtpServer
+    env: Env, worker: Worker, world: World
 ) -> None:
-    world = await configure(env, smtp)
     message_id = uuid.uuid4().hex
     sid = (await world.ok("ticket.new", world.ticket_data(), message_id=message_id))["sid"]
     repeat = await world.ok("ticket.new", world.ticket_data(), message_id=message_id)
@@ -171,9 +170,8 @@ async def test_metrics_show_an_email_in_flight_retried_then_failed(
 
 @ON_SQLITE
 async def test_no_metric_label_holds_an_owner_a_login_or_an_address(
-    env: Env, worker: Worker, smtp: SmtpServer
+    env: Env, worker: Worker, world: World
 ) -> None:
-    world = await configure(env, smtp)
     sid = await world.new_ticket()
     await world.error("ticket.get", {"sid": "no-such-" + uuid.uuid4().hex})
     await env.client.wait_events("email.sent")
