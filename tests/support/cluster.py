@@ -53,6 +53,7 @@ class Node:
 
     @property
     def url(self) -> str:
+        """The node's AMQP URL, as the broker's default user."""
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
 
     @property
