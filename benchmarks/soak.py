@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import json
 import random
 import re
@@ -53,7 +52,7 @@ from tests.support.databases import create_database, drop_database
 from tests.support.processes import WorkerProcess, stop_workers
 from tests.support.smtp_servers import closed_port
 from tests.support.tenants import set_up_tenant
-from worker.broker import Names
+from worker.broker import Names, json_message
 
 CHANNELS = 4
 USERS = 8
@@ -174,13 +173,7 @@ class Driver:
         body = json.dumps({"type": type_, "auth": auth, "data": data}).encode()
         started = time.perf_counter()
         await self.exchange.publish(
-            aio_pika.Message(
-                body,
-                content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                message_id=message_id,
-                reply_to=self.reply_queue,
-            ),
+            json_message(body, message_id=message_id, reply_to=self.reply_queue),
             routing_key=type_,
         )
         self.tally.sent += 1
@@ -285,6 +278,15 @@ class Mix:
 async def scalar(engine: AsyncEngine, sql: str) -> int:
     async with engine.connect() as conn:
         return int((await conn.execute(text(sql))).scalar_one())
+
+
+# Figures counted in the store, each by its query.
+STORE_COUNTS = {
+    "tickets": "SELECT count(*) FROM tickets",
+    "hits": "SELECT count(*) FROM hits",
+    "emails_stored": "SELECT count(*) FROM emails",
+    "emails_failed": "SELECT count(*) FROM emails WHERE status = 'failed'",
+}
 
 
 def mib(kib: int) -> str:
@@ -426,20 +428,13 @@ class Soak:
         elapsed = await self.load(mix)
         tally = mix.driver.tally
         delivery_wait = await self.drain(tally.emails_expected)
-        count = functools.partial(scalar, self.engine)
-        tickets = await count("SELECT count(*) FROM tickets")
-        hits = await count("SELECT count(*) FROM hits")
-        stored = await count("SELECT count(*) FROM emails")
-        failed = await count("SELECT count(*) FROM emails WHERE status = 'failed'")
+        counted = {name: await scalar(self.engine, sql) for name, sql in STORE_COUNTS.items()}
         dead = (await queue_counts(self.connection, self.names.dead) or (0, 0))[0]
         codes, stop_time = await self.stop_workers()
         return tally, Figures(
             elapsed=elapsed,
             delivery_wait=delivery_wait,
-            tickets=tickets,
-            hits=hits,
-            emails_stored=stored,
-            emails_failed=failed,
+            **counted,
             delivered=self.relay.delivered,
             unique=self.relay.unique,
             dead=dead,

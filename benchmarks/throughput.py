@@ -75,7 +75,7 @@ from tests.support.commandline import create_owner
 from tests.support.databases import create_database, drop_database
 from tests.support.processes import WorkerProcess, cpu_seconds, stop_workers
 from tests.support.tenants import set_up_tenant
-from worker.broker import Names
+from worker.broker import Names, json_message
 
 REPLY_TIMEOUT = 60.0
 RAW_CONNECTIONS = 4
@@ -114,13 +114,8 @@ class Client:
         future = asyncio.get_running_loop().create_future()
         self.pending[message_id] = future
         await exchange.publish(
-            aio_pika.Message(
-                body,
-                content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                message_id=message_id,
-                correlation_id=message_id,
-                reply_to=self.reply_queue,
+            json_message(
+                body, message_id=message_id, correlation_id=message_id, reply_to=self.reply_queue
             ),
             routing_key=key,
         )
