@@ -257,20 +257,30 @@ class Broker:
         return queues
 
     async def _declare_queues(self) -> None:
-        """Every queue and its binding, each on a plain channel of its own: a queue the broker
-        refuses closes only that channel. A classic queue whose node is down is refused with
-        NOT_FOUND: logged as `topology.queue_unavailable`, and the others are declared."""
-        for name, arguments, exchange, key in self._queues():
-            try:
-                async with self._raw_channel() as channel:
-                    if arguments is None:
-                        await self._declare_as_found(name)
-                    else:
-                        await channel.queue_declare(name, durable=True, arguments=arguments)
-                    if exchange is not None:
-                        await channel.queue_bind(name, exchange, routing_key=key)
-            except ChannelNotFoundEntity as exc:
-                log.warning("topology.queue_unavailable", queue=name, reason=str(exc)[:200])
+        """Every queue and its binding, each on a plain channel of its own, all at once: a queue
+        the broker refuses closes only that channel. A classic queue whose node is down is
+        refused with NOT_FOUND: logged as `topology.queue_unavailable`, and the others are
+        declared."""
+        declared = await asyncio.gather(
+            *(self._declare_queue(*queue) for queue in self._queues()), return_exceptions=True
+        )
+        for outcome in declared:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def _declare_queue(
+        self, name: str, arguments: dict[str, Any] | None, exchange: str | None, key: str
+    ) -> None:
+        try:
+            async with self._raw_channel() as channel:
+                if arguments is None:
+                    await self._declare_as_found(name)
+                else:
+                    await channel.queue_declare(name, durable=True, arguments=arguments)
+                if exchange is not None:
+                    await channel.queue_bind(name, exchange, routing_key=key)
+        except ChannelNotFoundEntity as exc:
+            log.warning("topology.queue_unavailable", queue=name, reason=str(exc)[:200])
 
     async def _declare_as_found(self, name: str) -> None:
         """`name` as it exists (whatever its type), else a classic durable queue."""

@@ -64,15 +64,20 @@ async def delete_topology(
     queues += [names.deliveries, names.probes, names.unrouted]
     queues += [names.delay(d) for d in sorted({*retry_delays, *DEFAULT_RETRY_DELAYS})]
     queues += [names.delay(d, q) for d in PARK_DELAYS for q in PARKED]
-    # A failed delete closes its channel, so each gets a channel of its own.
-    for queue in queues:
-        with contextlib.suppress(aio_pika.exceptions.AMQPError):  # the queue never existed
+    # A failed delete closes its channel, so each gets a channel of its own; all at once.
+
+    async def delete(queue: str | None = None, exchange: str | None = None) -> None:
+        with contextlib.suppress(aio_pika.exceptions.AMQPError):  # it never existed
             async with connection.channel() as channel:
-                await channel.queue_delete(queue)
-    for exchange in (names.commands, names.events, names.dead, names.unrouted):
-        with contextlib.suppress(aio_pika.exceptions.AMQPError):
-            async with connection.channel() as channel:
-                await channel.exchange_delete(exchange)
+                if queue is not None:
+                    await channel.queue_delete(queue)
+                else:
+                    assert exchange is not None
+                    await channel.exchange_delete(exchange)
+
+    await asyncio.gather(*(delete(queue=queue) for queue in queues))
+    exchanges = (names.commands, names.events, names.dead, names.unrouted)
+    await asyncio.gather(*(delete(exchange=exchange) for exchange in exchanges))
 
 
 async def delete_prefix(amqp_url: str, settings: Settings) -> None:
