@@ -2,8 +2,9 @@
 
 start: HTTP -> store (migrate) -> broker (connect, declare) -> consumers (commands with
        P.unrouted; probes with the settings; deliveries) -> sweeper
-stop:  cancel consumers -> let in-flight messages finish (grace period) -> sweeper -> broker
-       -> store -> HTTP
+stop:  cancel consumers -> let in-flight messages finish (grace period) -> then, unwinding one
+       AsyncExitStack in reverse of the start: sweeper -> SMTP pool -> broker -> store -> HTTP
+       (a start that fails part way unwinds the same stack, as far as it got)
 """
 
 from __future__ import annotations
@@ -46,6 +47,17 @@ def keyring_for(settings: Settings) -> Keyring:
     return Keyring(load_or_create_secret_key(settings.secret_key_file))
 
 
+async def _shielded(close: Callable[[], Awaitable[None]]) -> None:
+    """Runs `close` to its end, even when what awaits it is cancelled."""
+    await asyncio.shield(close())
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 class Worker:
     def __init__(
         self,
@@ -71,7 +83,7 @@ class Worker:
             HttpServer(settings.http, endpoints(self.metrics, readiness)) if settings.http else None
         )
         self._in_flight: set[asyncio.Future[None]] = set()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._stack = contextlib.AsyncExitStack()
 
     def _tracked(
         self, queue: str, handler: Callable[[AbstractIncomingMessage], Awaitable[None]]
@@ -95,16 +107,19 @@ class Worker:
         try:
             await self._start()
         except BaseException:
-            await asyncio.shield(self.broker.close())
-            await asyncio.shield(self.store.close())
-            if self.http is not None:
-                await asyncio.shield(self.http.close())
+            await asyncio.shield(self._stack.aclose())
             raise
 
     async def _start(self) -> None:
+        """Starts each part; what has to be undone for it is pushed on the stack that `stop`
+        (or a failed start) unwinds, in reverse."""
+        stack = self._stack
         if self.http is not None:
             await self.http.start()  # first: a port already taken fails before anything else
+            stack.push_async_callback(_shielded, self.http.close)
+        stack.push_async_callback(_shielded, self.store.close)
         await migrate(self.store)
+        stack.push_async_callback(_shielded, self.broker.close)
         await self.broker.connect()
         self.parts = Parts(self.settings, self.store, self.broker, self.keyring, self.metrics)
         consumer = functools.partial(CommandConsumer, self.parts, router=self.router)
@@ -124,13 +139,15 @@ class Worker:
             await self.broker.consume("probes", tracked, PROBE_PREFETCH)
         if "deliveries" in self.queues:
             await self._start_deliveries()
-        self._tasks.append(asyncio.create_task(self._sweep(), name="idempotency-sweeper"))
+        sweeper = asyncio.create_task(self._sweep(), name="idempotency-sweeper")
+        stack.push_async_callback(_cancelled, sweeper)
         log.info("worker.started", queues=list(self.queues), prefix=self.settings.prefix)
 
     async def _start_deliveries(self) -> None:
         from worker.delivery import DeliveryConsumer  # noqa: PLC0415
 
         self.delivery = DeliveryConsumer(self.parts)
+        self._stack.push_async_callback(self.delivery.close)
         self.metrics.relay_connections.set_function(lambda: self.delivery.pool.connections)
         tracked = self._tracked("deliveries", self.delivery)
         await self.broker.consume("deliveries", tracked, DELIVERY_PREFETCH)
@@ -152,16 +169,6 @@ class Worker:
             _, pending = await asyncio.wait(self._in_flight, timeout=self.settings.shutdown_grace)
             if pending:
                 log.warning("worker.grace_expired", in_flight=len(pending))
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        delivery = getattr(self, "delivery", None)
-        if delivery is not None:
-            await delivery.close()
-        await asyncio.shield(self.broker.close())
-        await asyncio.shield(self.store.close())
-        if self.http is not None:
-            await asyncio.shield(self.http.close())
+        # The sweeper, the SMTP pool, the broker, the store, HTTP: the reverse of their start.
+        await self._stack.aclose()
         log.info("worker.stopped")
