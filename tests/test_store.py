@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from worker.security import Keyring
-from worker.store import Connection, Store, emails, migrate, owners, tickets, users
+from worker.store import Connection, Store, channels, emails, migrate, owners, tickets, users
+from worker.store import settings as email_settings
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 LEASE = timedelta(seconds=60)
@@ -122,3 +123,71 @@ async def test_hits_are_numbered_and_paged_by_size(store: Store) -> None:
     assert [(2, 4), (3, 6)] == [(row.seq, row.size) for row in sizes]
     assert [1, 2] == [row.seq for row in between]
     assert 3 == ticket.hit_count
+
+
+async def test_an_email_to_send_comes_with_its_ticket_settings_prefix_and_hit_in_one_read(
+    store: Store,
+) -> None:
+    async with store.transaction() as conn:
+        owner_id, _ = await owners.create(conn, KEYRING, "acme", NOW)
+        await email_settings.add(
+            conn,
+            {
+                "id": "s1",
+                "owner_id": owner_id,
+                "domain": "example.com",
+                "provider": "smtp",
+                "description": None,
+                "sender": "alerts@example.com",
+                "options": {"host": "relay.example.com", "port": 587},
+                "auth_pass_enc": None,
+                "created_at": NOW,
+                "updated_at": NOW,
+            },
+        )
+        values = {"domain": "example.com", "recipients": ["ops@example.com"], "updated_at": NOW}
+        await channels.put(conn, owner_id, "ops", values | {"subject_prefix": "[ops]"}, NOW)
+        await _ticket(conn, owner_id)
+        seq = await tickets.add_hit(conn, "t1", "again", "still full", NOW)
+        for email_id, email_seq, domain in (
+            ("e1", None, "example.com"),
+            ("e2", seq, "example.com"),
+            ("e3", seq + 1, "gone.example.com"),  # a hit pruned, a domain without settings
+        ):
+            await emails.add(
+                conn,
+                email_id=email_id,
+                owner_id=owner_id,
+                sid="t1",
+                seq=email_seq,
+                domain=domain,
+                recipients=["ops@example.com"],
+                now=NOW,
+            )
+        ticket_email = await emails.to_send(conn, "e1")
+        hit_email = await emails.to_send(conn, "e2")
+        orphan = await emails.to_send(conn, "e3")
+        missing = await emails.to_send(conn, "e4")
+        claimed = [await emails.claim_one(conn, "e1", NOW, LEASE) for _ in range(2)]
+
+    assert ticket_email is not None and hit_email is not None and orphan is not None
+    assert ("s1", "alerts@example.com", "relay.example.com", "[ops]") == (
+        ticket_email.settings_id,
+        ticket_email.sender,
+        ticket_email.options["host"],
+        ticket_email.subject_prefix,
+    )
+    assert ("disk full", "high", "example.com", None) == (
+        ticket_email.title,
+        ticket_email.severity,
+        ticket_email.thread_domain,
+        ticket_email.hit_seq,
+    )
+    assert (seq, "again", "still full") == (
+        hit_email.hit_seq,
+        hit_email.hit_summary,
+        hit_email.hit_body,
+    )
+    assert (None, None) == (orphan.settings_id, orphan.hit_seq)
+    assert missing is None
+    assert [True, False] == claimed  # the second finds the lease taken
