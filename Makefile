@@ -8,6 +8,9 @@ BIN := $(VENV)/bin
 SMTP_WORKER_TEST_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
 SMTP_WORKER_TEST_POSTGRES_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/postgres
 export SMTP_WORKER_TEST_AMQP_URL SMTP_WORKER_TEST_POSTGRES_URL
+# Test processes (pytest-xdist): the fault scenarios all run in one of them, one at a time.
+TEST_PROCESSES ?= 2
+XDIST := -n $(TEST_PROCESSES) --dist loadgroup
 
 .PHONY: install run demo test test-fast cov lint contract bench soak clean
 
@@ -29,7 +32,7 @@ demo: install
 
 ## Lint, type-check, and run every test (faults included) against real services.
 test: install lint
-	$(BIN)/pytest
+	$(BIN)/pytest $(XDIST)
 
 ## The same tests with branch coverage (slower).
 cov: install
@@ -37,7 +40,7 @@ cov: install
 
 ## The tests without the fault-injection suite.
 test-fast: install
-	$(BIN)/pytest -m "not faults"
+	$(BIN)/pytest $(XDIST) -m "not faults"
 
 lint: install
 	$(BIN)/ruff check worker schemas tests benchmarks

@@ -15,15 +15,46 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from typing import Any
 
 import pytest
 
 from tests.support.databases import create_database, drop_database
 from tests.support.environment import Env, running_env
 from tests.support.logs import capture_worker_logs, leaked_secrets
+from tests.support.rig import FIGURES
 from tests.support.smtp_servers import SmtpServer
 from tests.support.tenants import unique_domain
 from tests.support.world import World, configure
+
+# --- test processes (pytest-xdist) and the fault figures ---------------------------------------
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The fault scenarios load the machine: one process runs them all, one after another.
+    for item in items:
+        if item.get_closest_marker("faults") is not None:
+            item.add_marker(pytest.mark.xdist_group("faults"))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # In a test process of pytest-xdist: its figures go to the controller with its results.
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:
+        output["figures"] = list(FIGURES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    FIGURES.extend(getattr(node, "workeroutput", {}).get("figures", []))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FIGURES:
+        terminalreporter.section("fault-injection figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)
+
 
 # --- services ---------------------------------------------------------------------------------
 

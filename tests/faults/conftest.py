@@ -5,7 +5,9 @@ three-node cluster started once per session (`rabbit_cluster`, `cluster_rig`), o
 a test's own (`private_broker`). No test stops, restarts or reconfigures the shared broker.
 
 The figures every scenario records (`tests.support.rig.figure`) are repeated in a
-"fault-injection figures" section of the terminal summary, so CI logs show them.
+"fault-injection figures" section of the terminal summary, so CI logs show them (tests/conftest.py).
+The scenarios run one after another in one test process (`xdist_group("faults")`): each loads
+the machine, and two at once would measure each other.
 """
 
 from __future__ import annotations
@@ -13,19 +15,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.support.cluster import PrivateNodes, private_nodes
-from tests.support.rig import FIGURES, Rig, build_rig
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if FIGURES:
-        terminalreporter.section("fault-injection figures")
-        for line in FIGURES:
-            terminalreporter.write_line(line)
+from tests.support.rig import Rig, build_rig
 
 
 @pytest.fixture

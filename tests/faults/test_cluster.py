@@ -26,6 +26,7 @@ from tests.support.cluster import PrivateNodes
 from tests.support.polling import wait_until
 from tests.support.processes import WorkerProcess
 from tests.support.rig import Rig, figure
+from worker.broker import COMMAND_QUEUES
 from worker.client import Client
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
@@ -41,12 +42,37 @@ def node_of(worker: WorkerProcess) -> str:
     return str(worker.lines_of("broker.connected")[-1]["node"])
 
 
+async def unanswered(rig: Rig, ids: list[str]) -> dict[str, object]:
+    """Where the commands without a reply are: processed by a worker or not, and what waits in
+    the load client's reply queue and the command queues."""
+    missing = [i for i in ids if i not in rig.load.replies]
+    processings = sum((worker.processings(missing) for worker in rig.workers), start=Counter())
+    assert rig.load.connection is not None
+    depths = {}
+    names = rig.load.names
+    commands = [names.queue(short) for short in COMMAND_QUEUES]
+    for name in (rig.load.reply_queue_name, *commands, names.deliveries):
+        try:  # a channel of its own: a failed passive declare closes it
+            async with rig.load.connection.channel() as channel:
+                queue = await channel.declare_queue(name, passive=True)
+                depths[name] = queue.declaration_result.message_count
+        except Exception as exc:
+            depths[name] = repr(exc)
+    return {
+        "answered": len(ids) - len(missing),
+        "missing": missing[:10],
+        "missing_processed": sum(1 for i in missing if processings[i]),
+        "queue_depths": depths,
+        "worker_tail": [worker.tail(15) for worker in rig.workers],
+    }
+
+
 async def settled(
     rig: Rig, ids: list[str], timeout: float, other_sids: frozenset[str] = frozenset()
 ) -> dict[str, object]:
     """Waits for every reply and email; checks nothing was lost or doubled; the figures.
     `other_sids`: tickets made by other commands than the load client's `ids`."""
-    assert await rig.load.wait_answered(ids, len(ids), timeout=timeout), rig.load.answered(ids)
+    assert await rig.load.wait_answered(ids, len(ids), timeout=timeout), await unanswered(rig, ids)
     sids = set(rig.replies_of(ids).values()) | other_sids
     assert await rig.wait_emails(sids, timeout=timeout)
     tickets = await rig.query("SELECT count(*) AS n FROM tickets")
