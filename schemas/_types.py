@@ -99,6 +99,12 @@ def split_mailbox(value: str) -> MailboxParts:
         raise ValueError("the display name must not hold @, < or >")
     if match["quoted"] is None and not _PHRASE.fullmatch(name):
         raise ValueError('a display name holding , ; : ( ) [ ] or \\ must be in "quotes"')
+    if "  " in name and ("=?" in name or not name.isascii()):
+        # Such a name goes in an RFC 2047 encoded word, and Python's reader, for one, shows a run
+        # of spaces in a display name's encoded word as one space: it would not read as written.
+        raise ValueError(
+            "a display name with non-ASCII characters or =? must not hold two spaces in a row"
+        )
     return MailboxParts(name, address, match["quoted"] is not None)
 
 

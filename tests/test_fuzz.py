@@ -320,6 +320,8 @@ def acceptable(field: str, text: str) -> bool:
         return False
     if field in ("title", "summary") and not text:
         return False
+    if field == "display_name" and "  " in text and ("=?" in text or not text.isascii()):
+        return False  # encoded, its spaces would read as one (contract 6 leaves this open)
     return not (field == "display_name" and set("@<>") & set(text))
 
 

@@ -34,6 +34,9 @@ REFUSED = {
     "unclosed": "Alerts <alerts@{d}",
     "group": "undisclosed:alerts@{d};",
     "not-an-address": "not an address",
+    # Encoded, its two spaces would read as one.
+    "spaces-in-non-ascii-name": '"Équipe  d\'astreinte" <alerts@{d}>',
+    "spaces-in-encoded-word-name": '"=?utf-8?q?x?=  y" <alerts@{d}>',
 }
 ACCEPTED = {
     "address": "alerts@{d}",
@@ -42,6 +45,7 @@ ACCEPTED = {
     "quoted-name": '"Alerts" <alerts@{d}>',
     "quoted-specials": '"Alerts, Ops (EU)" <alerts@{d}>',
     "non-ascii-name": "Équipe d'astreinte <alerts@{d}>",
+    "spaces-in-ascii-name": '"Alerts  Team" <alerts@{d}>',
     "subdomain": "alerts@mail.{d}",
     "deep-subdomain": "Alerts <alerts@a.b.{d}>",
     "upper-case-domain": "alerts@{D}",
