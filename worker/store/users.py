@@ -35,11 +35,28 @@ _COUNT_EMAILS = (
     )
 )
 _BY_NAME = select(smtp_users).where(smtp_users.c.name == bindparam("name"))
+_LOCK = (
+    select(smtp_users.c.name)
+    .where(smtp_users.c.name.in_(bindparam("names", expanding=True)))
+    .order_by(smtp_users.c.name)
+    .with_for_update()
+)
 
 
 async def login(conn: AsyncConnection, name: str) -> Row[Any, Any, Any] | None:
     """The user's owner_id, password_hash and status, to authenticate a command."""
     return (await conn.execute(_LOGIN, {"name": name})).first()
+
+
+async def lock(conn: AsyncConnection, names: Sequence[str]) -> None:
+    """Takes the row locks of these users (those that exist) in the order of their names.
+
+    A transaction that runs the commands of several users counts against each of their quotas
+    in turn; taken first and in one order, their locks cannot deadlock with another such
+    transaction's. SQLite has a single writer, and nothing to lock.
+    """
+    if names and conn.dialect.name == "postgresql":
+        await conn.execute(_LOCK, {"names": list(names)})
 
 
 async def count_emails(conn: AsyncConnection, name: str, count: int, hour: int) -> bool:
