@@ -9,8 +9,18 @@ that one command, run at once.
 from __future__ import annotations
 
 import asyncio
+import json
+import uuid
+from typing import Any
 
+from tests.support.environment import Env
+from tests.support.logs import log_lines
+from tests.support.smtp_servers import SmtpServer
+from tests.support.world import configure
 from worker.batching import Batches
+
+GOOD = 30
+
 
 # --- Batches ------------------------------------------------------------------------------------
 
@@ -78,3 +88,80 @@ async def test_a_cancelled_submitter_is_left_out_and_a_failed_run_fails_its_batc
     assert cancelled.cancelled()
     assert runs == [[0], [2]]
     assert await batches.submit(3) == 3  # the next batch runs as usual
+
+
+# --- the worker ---------------------------------------------------------------------------------
+
+
+async def test_refused_commands_in_a_batch_change_nothing_of_the_others(
+    env: Env, smtp: SmtpServer
+) -> None:
+    world = await configure(env, smtp)
+    small = await env.client.ok(
+        "settings.smtp_user.add", world.owner, {"total_limit": 1, "hourly_limit": 1}
+    )
+    over_quota = {"login": small["smtp_user_name"], "password": small["smtp_password"]}
+    wrong_password = {"login": world.user_name, "password": "x" + world.password}
+    absent_channel = {"channel": "absent", "ticket": {"title": "Lost", "body": "nowhere"}}
+    # (message_id, auth, data, the error expected or None)
+    commands: list[tuple[str, dict[str, str], dict[str, Any], str | None]] = []
+    for n in range(GOOD):
+        commands.append((uuid.uuid4().hex, world.auth, world.ticket_data(f"good {n}"), None))
+        refusal = {
+            1: (over_quota, world.ticket_data(f"over quota {n}"), "QuotaExceeded"),
+            2: (world.auth, absent_channel, "NotFound"),
+            3: (wrong_password, world.ticket_data(f"intruder {n}"), "AuthenticationError"),
+        }.get(n % 4)
+        if refusal is not None:
+            commands.append((uuid.uuid4().hex, *refusal))
+    repeated = commands[::7]  # sent a second time under the same message_id
+
+    # No worker while they are published: they wait in their queue, and run in batches.
+    while env.workers:
+        await env.workers.pop().stop()
+    since = len(log_lines())
+    futures: dict[str, list[asyncio.Future[Any]]] = {}
+    for message_id, auth, data, _ in commands + repeated:
+        body = json.dumps({"type": "ticket.new", "auth": auth, "data": data}).encode()
+        correlation_id = uuid.uuid4().hex
+        future = await env.client.publish(
+            body, "ticket.new", message_id=message_id, correlation_id=correlation_id
+        )
+        assert future is not None
+        futures.setdefault(message_id, []).append(future)
+    await env.start_worker()
+
+    replies: dict[str, list[dict[str, Any]]] = {}
+    for message_id, waiting in futures.items():
+        answered = await asyncio.wait_for(asyncio.gather(*waiting), 30)
+        replies[message_id] = [json.loads(message.body) for message in answered]
+
+    sids = set()
+    for message_id, _, _, expected in commands:
+        first, *again = replies[message_id]
+        assert all(reply == first for reply in again), (first, again)
+        if expected is None:
+            assert ("success", True) == (first["status"], first["data"]["created"]), first
+            sids.add(first["data"]["sid"])
+        else:
+            assert ("error", expected) == (first["status"], first["error"]["name"]), first
+    assert GOOD == len(sids)
+
+    # Each good ticket stored and emailed once; nothing of the refused ones, nor counted.
+    await smtp.wait_for(GOOD, timeout=30)
+    await asyncio.sleep(0.5)
+    assert sorted(world.message_id(sid) for sid in sids) == sorted(
+        received.message["Message-ID"] for received in smtp.messages
+    )
+    assert GOOD == await world.stored("tickets")
+    listed = (await world.settings("settings.smtp_user.list", {}))["smtp_list"]
+    sent = {user["smtp_user_name"]: user["total_sent"] for user in listed}
+    assert {world.user_name: GOOD * len(world.recipients), over_quota["login"]: 0} == sent
+
+    # They did run together: the refused ones shared their transaction with others.
+    lines = (json.loads(line) for line in log_lines(since))
+    processed = [line for line in lines if line.get("event") == "command.processed"]
+    refused = {message_id for message_id, *_, expected in commands if expected is not None}
+    sizes = [line["batch"] for line in processed if line.get("message_id") in refused]
+    assert len(sizes) == len(refused)
+    assert max(sizes) > 1, sizes

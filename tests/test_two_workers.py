@@ -242,3 +242,60 @@ async def test_two_worker_processes_answer_every_command_once_and_agree_on_the_s
 
     # SIGTERM: both stop consuming, finish, and exit 0.
     assert [await worker.stop() for worker in cluster.workers] == [0, 0]
+
+
+async def test_a_reset_disabled_or_deleted_user_is_refused_by_both_workers_at_once(
+    cluster: Cluster,
+) -> None:
+    owner = cluster.owners[0]
+    limits = {"total_limit": 10, "hourly_limit": 10}
+    logins = []
+    for _ in range(3):
+        user = await cluster.client.ok("settings.smtp_user.add", owner, limits)
+        logins.append({"login": user["smtp_user_name"], "password": user["smtp_password"]})
+    reset, disabled, deleted = logins
+
+    def probes(auth: dict[str, str]) -> list[Command]:
+        # A ticket that does not exist: NotFound once authenticated, so no email is involved.
+        return [Command("ticket.get", auth, {"sid": f"absent-{n}"}) for n in range(20)]
+
+    # Each login works, on both workers (they take the commands in turn).
+    warm = [probe for auth in logins for probe in probes(auth)]
+    await send_all(cluster.client, warm)
+    assert {"NotFound"} == {probe.reply["error"]["name"] for probe in warm}
+
+    new = await cluster.client.ok(
+        "settings.smtp_user.reset_password", owner, {"smtp_user_name": reset["login"]}
+    )
+    await cluster.client.ok(
+        "settings.smtp_user.edit",
+        owner,
+        {"smtp_user_name": disabled["login"], "status": "Disable"},
+    )
+    await cluster.client.ok(
+        "settings.smtp_user.delete", owner, {"smtp_user_name": deleted["login"]}
+    )
+    # At once: published the moment the last change is answered.
+    old_password, now_disabled, now_deleted = probes(reset), probes(disabled), probes(deleted)
+    new_password = probes({"login": reset["login"], "password": new["smtp_password"]})
+    after = old_password + now_disabled + now_deleted + new_password
+    await send_all(cluster.client, after)
+
+    def refusals(probes: list[Command]) -> set[str]:
+        return {probe.reply["error"]["name"] for probe in probes}
+
+    assert (
+        {"AuthenticationError"},
+        {"Forbidden"},
+        {"AuthenticationError"},
+        {"NotFound"},
+    ) == (
+        refusals(old_password),
+        refusals(now_disabled),
+        refusals(now_deleted),
+        refusals(new_password),
+    )
+    # Both workers took some of them, and refused them.
+    refused = {probe.message_id for probe in old_password + now_disabled + now_deleted}
+    for worker in cluster.workers:
+        assert sum(worker.processings(refused).values()) > 0, worker.tail()

@@ -30,7 +30,8 @@ message_id. A message_id the principal already used for another type is a Confli
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,7 +42,9 @@ from aio_pika.exceptions import ChannelInvalidStateError
 from pydantic_core import to_json
 
 from schemas import CommandBody
+from schemas.envelope import UserAuth
 from worker import parsing
+from worker.batching import Batches
 from worker.broker import DELIVERY_LIMIT
 from worker.errors import (
     GENERAL_ERROR_MESSAGE,
@@ -69,7 +72,7 @@ from worker.outcomes import (
     settle_as,
 )
 from worker.parsing import MAX_DETAILS, Envelope
-from worker.store import idempotency
+from worker.store import Connection, idempotency, users
 
 log = structlog.get_logger("worker.consumer")
 
@@ -78,6 +81,8 @@ log = structlog.get_logger("worker.consumer")
 STORE_RETRY = StoreRetry((0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 10.0))
 CONCURRENT_WRITE_RETRIES = 5
 MAX_REPLY_BYTES = 16 * 1024 * 1024
+# Commands that arrived together run in one store transaction, a SAVEPOINT each, up to this many.
+BATCH_SIZE = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +122,27 @@ class Result:
     effects: list[Effect]
     outcome: Outcome
     status: str = "success"
+    error: str | None = None  # the name of the error of a refusal
+    batch: int = 1  # how many commands ran in its transaction
+
+
+@dataclass(slots=True)
+class _Job:
+    """A command to run: read, its handler found, and who sent it once authenticated."""
+
+    spec: Spec
+    parsed: CommandBody | Envelope
+    body: bytes
+    meta: Meta
+    principal: Principal | None = None
+
+    def bound(self) -> AbstractContextManager[object]:
+        """Its identity bound to the log context of the batch runner that runs it."""
+        return structlog.contextvars.bound_contextvars(
+            message_id=self.meta.message_id,
+            correlation_id=self.meta.correlation_id,
+            type=self.spec.type,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +208,11 @@ class CommandConsumer(Consumer):
         super().__init__(parts)
         self.router = router
         self.unrouted = unrouted
+        # SQLite has one writer: a second batch would only wait for the first one's lock.
+        runners = 1 if self.store.dialect == "sqlite" else 2
+        self._batches: Batches[_Job, Result] = Batches(
+            self._execute_all, size=BATCH_SIZE, runners=runners
+        )
 
     # --- the message's fate ---------------------------------------------------------------------
 
@@ -259,7 +290,7 @@ class CommandConsumer(Consumer):
         try:
             if spec is None:
                 raise NotImplementedError(f"no handler for {type_}")
-            result = await self._execute(spec, parsed, message.body, meta)
+            result = await self._batches.submit(_Job(spec, parsed, message.body, meta))
         except Exception as exc:  # noqa: BLE001 - logged, traceback and all
             failed_attempt(log, "command.failed_attempt", exc, meta.delivery_count)
             if not meta.last_attempt:
@@ -267,6 +298,9 @@ class CommandConsumer(Consumer):
             reply = error_reply(type_, meta.message_id, "GeneralError", GENERAL_ERROR_MESSAGE)
             return Verdict(Outcome.DEAD_LETTERED, "dead", type=type_, notice=reply)
 
+        structlog.contextvars.bind_contextvars(batch=result.batch)
+        if result.error is not None:
+            structlog.contextvars.bind_contextvars(error=result.error)
         if _returned(message):
             # Its channel closed while the command ran (the broker connection dropped): the broker
             # has put the message back, and the next delivery publishes the recorded results.
@@ -311,17 +345,53 @@ class CommandConsumer(Consumer):
 
     # --- execution ------------------------------------------------------------------------------
 
-    async def _execute(
-        self, spec: Spec, parsed: CommandBody | Envelope, body: bytes, meta: Meta
-    ) -> Result:
+    async def _execute_all(self, jobs: list[_Job]) -> list[Result | BaseException]:
+        """The results of commands that arrived together: alone, a command runs in a transaction
+        of its own; several run in one, each in a SAVEPOINT, so a refused one rolls back alone."""
+        if len(jobs) == 1:
+            return [await self._execute(jobs[0])]
+        try:
+            results = await self._execute_batch(jobs)
+        except Exception as exc:  # noqa: BLE001 - each command is run again, alone
+            # A concurrent write, an outage, a bug in one of them: nothing of the batch was
+            # committed, unless the store lost touch during COMMIT, when any of them may have been.
+            log.warning("command.batch_failed", size=len(jobs), error=type(exc).__name__)
+            maybe_done = isinstance(exc, CommitUnknown)
+            runs = (self._execute(job, maybe_done=maybe_done) for job in jobs)
+            return await asyncio.gather(*runs, return_exceptions=True)
+        size = len(jobs)
+        return [replace(r, batch=size) if isinstance(r, Result) else r for r in results]
+
+    async def _execute_batch(self, jobs: list[_Job]) -> list[Result | BaseException]:
+        results: list[Result | BaseException] = []
+        async with self.store.transaction() as conn:
+            auths = [job.parsed.auth for job in jobs]
+            await users.lock(conn, sorted({a.login for a in auths if isinstance(a, UserAuth)}))
+            for job in jobs:
+                now = datetime.now(UTC)
+                job.principal = None
+                with job.bound():
+                    try:
+                        async with conn.begin_nested():
+                            result = await self._run(conn, job, now, job.meta.redelivered)
+                    except CommandError as exc:
+                        result = await self._refused(job, exc, now, conn)
+                results.append(result)
+        return results
+
+    async def _execute(self, job: _Job, *, maybe_done: bool = False) -> Result:
+        with job.bound():
+            return await self._execute_alone(job, maybe_done)
+
+    async def _execute_alone(self, job: _Job, maybe_done: bool) -> Result:
         conflicts = 0
-        maybe_done = meta.redelivered
+        maybe_done = maybe_done or job.meta.redelivered
 
         async def attempt() -> Result:
             nonlocal conflicts
             while True:
                 try:
-                    return await self._execute_once(spec, parsed, body, meta, maybe_done)
+                    return await self._execute_once(job, maybe_done)
                 except ConcurrentWrite:
                     conflicts += 1
                     if conflicts > CONCURRENT_WRITE_RETRIES:
@@ -336,64 +406,59 @@ class CommandConsumer(Consumer):
 
         return await STORE_RETRY.run(attempt, on_unavailable=unavailable)
 
-    async def _execute_once(
-        self,
-        spec: Spec,
-        parsed: CommandBody | Envelope,
-        body: bytes,
-        meta: Meta,
-        maybe_done: bool,
-    ) -> Result:
+    async def _execute_once(self, job: _Job, maybe_done: bool) -> Result:
         now = datetime.now(UTC)
-        principal: Principal | None = None
+        job.principal = None
         try:
             async with self.store.transaction() as conn:
-                auth = parsed.auth
-                if auth is None:
-                    raise AuthenticationError()
-                principal = await authenticate(conn, self.keyring, spec.auth, auth)
-                if meta.message_id is not None:
-                    found = await idempotency.find(conn, _key(principal, meta.message_id), now)
-                    if found is not None:
-                        if found.type != spec.type:
-                            raise _MessageIdReused()
-                        reply = found.reply
-                        if found.secret:
-                            reply = self.keyring.decrypt(reply.decode()).encode()
-                        # A redelivery may follow a crash between commit and publish, a retry
-                        # a commit never confirmed: publish everything again. A fresh repeat
-                        # gets its reply only.
-                        effects = found.effects if maybe_done else []
-                        return Result(reply, effects, Outcome.DUPLICATE, found.status)
-                # Only now, its sender known, is the data of an envelope read in full.
-                command = parsing.complete(body, parsed) if isinstance(parsed, Envelope) else parsed
-                ctx = Context(conn, principal, now, self.keyring, self.settings)
-                data = await spec.handler(ctx, command.data)
-                if spec.finish is None:
-                    reply = success_reply(spec.type, meta.message_id, data)
-                    await self._record(
-                        conn, principal, meta, spec, "success", reply, ctx.effects, now
-                    )
-                    await ctx.finish()
-                    return Result(reply, ctx.effects, Outcome.SUCCESS)
-            # A probe waits on a relay for up to its timeout: the probe consumer runs it, and
-            # answers and records it, without holding this consumer's slot (contract 5).
-            job = ProbeJob(
-                type=spec.type,
-                owner_id=principal.owner_id,
-                user=principal.user,
-                data=command.data.model_dump(mode="json", by_alias=True),
-                message_id=meta.message_id,
-                reply_to=meta.reply_to,
-                correlation_id=meta.correlation_id,
-            )
-            return Result(None, [Effect("probe", "", job.dump())], Outcome.QUEUED)
+                return await self._run(conn, job, now, maybe_done)
         except CommandError as exc:
-            return await self._refused(spec, principal, meta, exc, now)
+            return await self._refused(job, exc, now)
+
+    async def _run(self, conn: Connection, job: _Job, now: datetime, maybe_done: bool) -> Result:
+        """The command's result, run in `conn`; CommandError when it is refused."""
+        spec, parsed, meta = job.spec, job.parsed, job.meta
+        auth = parsed.auth
+        if auth is None:
+            raise AuthenticationError()
+        principal = job.principal = await authenticate(conn, self.keyring, spec.auth, auth)
+        if meta.message_id is not None:
+            found = await idempotency.find(conn, _key(principal, meta.message_id), now)
+            if found is not None:
+                if found.type != spec.type:
+                    raise _MessageIdReused()
+                reply = found.reply
+                if found.secret:
+                    reply = self.keyring.decrypt(reply.decode()).encode()
+                # A redelivery may follow a crash between commit and publish, a retry a commit
+                # never confirmed: publish everything again. A fresh repeat gets its reply only.
+                effects = found.effects if maybe_done else []
+                return Result(reply, effects, Outcome.DUPLICATE, found.status)
+        # Only now, its sender known, is the data of an envelope read in full.
+        command = parsing.complete(job.body, parsed) if isinstance(parsed, Envelope) else parsed
+        ctx = Context(conn, principal, now, self.keyring, self.settings)
+        data = await spec.handler(ctx, command.data)
+        if spec.finish is None:
+            reply = success_reply(spec.type, meta.message_id, data)
+            await self._record(conn, principal, meta, spec, "success", reply, ctx.effects, now)
+            await ctx.finish()
+            return Result(reply, ctx.effects, Outcome.SUCCESS)
+        # A probe waits on a relay for up to its timeout: the probe consumer runs it, and answers
+        # and records it, without holding this consumer's slot (contract 5).
+        probe = ProbeJob(
+            type=spec.type,
+            owner_id=principal.owner_id,
+            user=principal.user,
+            data=command.data.model_dump(mode="json", by_alias=True),
+            message_id=meta.message_id,
+            reply_to=meta.reply_to,
+            correlation_id=meta.correlation_id,
+        )
+        return Result(None, [Effect("probe", "", probe.dump())], Outcome.QUEUED)
 
     async def _record(
         self,
-        conn: Any,
+        conn: Connection,
         principal: Principal,
         meta: Meta,
         spec: Spec,
@@ -412,18 +477,22 @@ class CommandConsumer(Consumer):
         await idempotency.record(conn, key, processed, now, self.settings.idempotency_ttl)
 
     async def _refused(
-        self, spec: Spec, principal: Principal | None, meta: Meta, exc: CommandError, now: datetime
+        self, job: _Job, exc: CommandError, now: datetime, conn: Connection | None = None
     ) -> Result:
-        structlog.contextvars.bind_contextvars(error=exc.name)
+        """The refusal's reply and event, recorded in `conn` or else a transaction of its own."""
+        spec, principal, meta = job.spec, job.principal, job.meta
         details = _bounded(exc.details)
         reply = error_reply(spec.type, meta.message_id, exc.name, exc.message, details)
         owner_id = principal.owner_id if principal else None
         error = {"name": exc.name, "message": exc.message, "details": details}
         effects = [command_failed(spec.type, meta.message_id, owner_id, now, error)]
         if principal is not None and not isinstance(exc, _NOT_REMEMBERED):
-            async with self.store.transaction() as conn:
+            if conn is not None:
                 await self._record(conn, principal, meta, spec, "error", reply, effects, now)
-        return Result(reply, effects, Outcome.REFUSED, "error")
+            else:
+                async with self.store.transaction() as own:
+                    await self._record(own, principal, meta, spec, "error", reply, effects, now)
+        return Result(reply, effects, Outcome.REFUSED, "error", exc.name)
 
 
 def _key(principal: Principal, message_id: str) -> idempotency.Key:

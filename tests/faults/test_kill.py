@@ -3,6 +3,8 @@
 Every message_id gets its reply, every reply of one message_id names the same ticket, exactly
 1,000 tickets exist, and every ticket's email reaches the SMTP server. An email can arrive twice
 only if the killed worker was sending it (claimed, not yet recorded as sent): those are counted.
+The worker runs the commands waiting for it in batches, one store transaction each: the kill
+lands in the middle of one, and a batch's commands are all done or none.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ async def test_a_worker_killed_mid_load_loses_no_command_and_no_email(rig: Rig) 
         "SELECT sid FROM emails WHERE status = 'pending' AND lease_until IS NOT NULL"
     )
     in_flight = {row.sid for row in claimed}
+    batches = [line["batch"] for line in first.lines_of("command.processed") if "batch" in line]
     await publishing
 
     second = await rig.start_worker()
@@ -57,9 +60,11 @@ async def test_a_worker_killed_mid_load_loses_no_command_and_no_email(rig: Rig) 
         all_emailed_s=round(delivered_at - started, 1),
         after_kill_s=round(delivered_at - killed_at, 1),
         tickets=tickets[0].n,
+        largest_batch_before_kill=max(batches),
         duplicate_emails=sum(after.received[sid] - 1 for sid in duplicates),
         second_worker=dict(second.outcomes()),
     )
+    assert max(batches) > 1  # the killed worker was running them in batches
     assert COMMANDS == len(set(sids.values()))
     assert COMMANDS == tickets[0].n
     assert set(sids.values()) == set(after.received)
