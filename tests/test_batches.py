@@ -13,8 +13,11 @@ import json
 import uuid
 from typing import Any
 
+from sqlalchemy import text
+
 from tests.support.environment import Env
 from tests.support.logs import log_lines
+from tests.support.payloads import relay_options
 from tests.support.smtp_servers import SmtpServer
 from tests.support.world import configure
 from worker.batching import Batches
@@ -165,3 +168,54 @@ async def test_refused_commands_in_a_batch_change_nothing_of_the_others(
     sizes = [line["batch"] for line in processed if line.get("message_id") in refused]
     assert len(sizes) == len(refused)
     assert max(sizes) > 1, sizes
+
+
+async def test_an_email_that_cannot_be_claimed_holds_back_none_claimed_with_it(
+    env: Env, smtp: SmtpServer
+) -> None:
+    world = await configure(env, smtp)
+    broken = await configure(
+        env, smtp, options=relay_options(smtp, auth={"user": "relay", "pass": "relay-secret"})
+    )
+    # Its relay password no longer decrypts (stored under another key, say).
+    async with env.store.transaction() as conn:
+        await conn.execute(
+            text("UPDATE email_settings SET auth_pass_enc = :junk WHERE domain = :domain"),
+            {"junk": "AAAA" * 20, "domain": broken.domain},
+        )
+    # The email jobs wait in P.deliveries while no worker consumes it, and are claimed in batches.
+    while env.workers:
+        await env.workers.pop().stop()
+    await env.start_worker(queues=("tickets", "hits", "settings"))
+    sids = [await world.new_ticket(f"good {n}") for n in range(GOOD)]
+    unsendable = await broken.new_ticket("unsendable")
+    since = len(log_lines())
+    await env.start_worker(queues=("deliveries",))
+
+    await smtp.wait_for(GOOD, timeout=30)
+    assert sorted(world.message_id(sid) for sid in sids) == sorted(
+        received.message["Message-ID"] for received in smtp.messages
+    )
+    # Its job fails alone, at each of its deliveries, and lands in P.dead untouched.
+    dead: list[Any] = []
+    for _ in range(200):
+        dead += await env.client.dead_letters()
+        if dead:
+            break
+        await asyncio.sleep(0.1)
+    assert [unsendable] == [
+        email.sid
+        for email in await env.query(
+            "SELECT sid FROM emails WHERE id = :id", id=json.loads(dead[0].body)["email_id"]
+        )
+    ]
+    assert GOOD == len(smtp.messages)
+    # Each good one was sent at its first delivery: none failed with it, none was requeued.
+    good = {email_id for sid in sids for email_id in await world.email_ids(sid)}
+    lines = (json.loads(line) for line in log_lines(since))
+    outcomes = [
+        line["outcome"]
+        for line in lines
+        if line.get("event") == "email.processed" and line.get("email_id") in good
+    ]
+    assert ["sent"] * GOOD == outcomes

@@ -28,8 +28,10 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from schemas._types import split_mailbox
+from worker.batching import Batches
 from worker.broker import PARK_DELAYS
 from worker.errors import (
+    ConcurrentWrite,
     SmtpPermanentError,
     SmtpTransientError,
     TransientError,
@@ -49,7 +51,7 @@ from worker.outcomes import (
     processing,
     settle_as,
 )
-from worker.store import Row, emails
+from worker.store import Connection, Row, emails
 
 log = structlog.get_logger("worker.delivery")
 
@@ -72,6 +74,10 @@ PATIENCE = 5.0
 # to park them, and a healthy relay's email behind them finds its turn.
 MAX_WAITING = 64
 MAX_WAITING_TOTAL = 128
+# Emails that came meanwhile are claimed together, and the outcomes of those sent meanwhile are
+# recorded together, in one transaction each, up to this many.
+RECORDS_BATCH = 64
+RECORD_RETRIES = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,9 +91,47 @@ class Job:
     message: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    """An email to claim for sending."""
+
+    email_id: str
+    now: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class _Taken:
+    """A claimed email, and its relay (None when its domain lost its settings)."""
+
+    email: Row[Any]
+    relay: Relay | None
+
+
+# What a claim found: the email taken, else why not (see DeliveryConsumer._claim).
+_Claimed = _Taken | Unclaimed | Row[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Written:
+    """An email's state to record."""
+
+    email: Row[Any]
+    status: str
+    attempts: int
+    error: str | None
+
+
 class DeliveryConsumer(Consumer):
     def __init__(self, parts: Parts) -> None:
         super().__init__(parts)
+        # SQLite has one writer: a second batch would only wait for the first one's lock.
+        runners = 1 if self.store.dialect == "sqlite" else 2
+        self._records: Batches[_Written, None] = Batches(
+            self._record_all, size=RECORDS_BATCH, runners=runners
+        )
+        self._claims: Batches[_Claim, _Claimed] = Batches(
+            self._claim_all, size=RECORDS_BATCH, runners=runners
+        )
         self.pool = SmtpPool(max_per_relay=CONNECTIONS_PER_RELAY)
         self.gate = Gate(
             PARK_DELAYS,
@@ -200,24 +244,10 @@ class DeliveryConsumer(Consumer):
         """Takes the email for sending, or says why not (`done`, `busy`, `missing`, or
         `saturated`: its relay, shared with another domain, has no free connection); the
         email's row when it was sent or failed before; FAILED when it cannot be composed."""
-        async with self.store.transaction() as conn:
-            email = await emails.to_send(conn, email_id)
-            if email is None:
-                return "missing"
-            if email.status in ("sent", "failed"):
-                return email
-            relay = None
-            if email.settings_id is not None:
-                password = (
-                    self.keyring.decrypt(email.auth_pass_enc) if email.auth_pass_enc else None
-                )
-                relay = relay_of(email, password, self.settings.relay_allow)
-                # The lease is taken only once a connection is there to send it with.
-                if not self.pool.has_free_connection(relay):
-                    return "saturated"
-            if not await emails.claim_one(conn, email_id, now, LEASE):
-                status = (await emails.statuses(conn, [email_id])).get(email_id)
-                return "busy" if status == "pending" else "done"
+        claimed = await self._claims.submit(_Claim(email_id, now))
+        if not isinstance(claimed, _Taken):
+            return claimed
+        email, relay = claimed.email, claimed.relay
         if relay is None:
             return await self._finish_without_job(email, f"no email settings for {email.domain}")
         if email.seq is not None and email.hit_seq is None:
@@ -261,15 +291,65 @@ class DeliveryConsumer(Consumer):
             return await self._finish_without_job(email, f"the email cannot be composed: {exc}")
         return Job(email, relay, envelope_sender, message_id, message)
 
+    async def _claim_all(self, claims: list[_Claim]) -> list[_Claimed | Exception]:
+        """Claims these emails in one transaction (see _claim); in the order of their ids, so
+        that two batches never wait on each other's rows in opposite orders."""
+        found: dict[int, _Claimed | Exception] = {}
+        async with self.store.transaction() as conn:
+            for index, claim in sorted(enumerate(claims), key=lambda item: item[1].email_id):
+                found[index] = await self._claim_in(conn, claim.email_id, claim.now)
+        return [found[index] for index in range(len(claims))]
+
+    async def _claim_in(
+        self, conn: Connection, email_id: str, now: datetime
+    ) -> _Claimed | Exception:
+        email = await emails.to_send(conn, email_id)
+        if email is None:
+            return "missing"
+        if email.status in ("sent", "failed"):
+            return email
+        relay = None
+        if email.settings_id is not None:
+            try:
+                password = (
+                    self.keyring.decrypt(email.auth_pass_enc) if email.auth_pass_enc else None
+                )
+                relay = relay_of(email, password, self.settings.relay_allow)
+            except Exception as exc:  # noqa: BLE001 - this email's failure, not its batch's
+                return exc
+            # The lease is taken only once a connection is there to send it with.
+            if not self.pool.has_free_connection(relay):
+                return "saturated"
+        if not await emails.claim_one(conn, email_id, now, LEASE):
+            status = (await emails.statuses(conn, [email_id])).get(email_id)
+            return "busy" if status == "pending" else "done"
+        return _Taken(email, relay)
+
     async def _record(self, email: Row[Any], status: str, attempts: int, error: str | None) -> None:
-        """Writes the email's state, mirrored on its ticket's `delivery`, and frees its lease."""
-        now = datetime.now(UTC)
+        """Writes the email's state, mirrored on its ticket's `delivery`, and frees its lease;
+        with those of the other emails sent meanwhile, in one transaction."""
+        written = _Written(email, status, attempts, error)
 
         async def write() -> None:
-            async with self.store.transaction() as conn:
-                await emails.record(conn, email, status, attempts, error, now)
+            # A batch that lost a race for a ticket's row (a deadlock) is written again.
+            for tries_left in reversed(range(RECORD_RETRIES)):
+                try:
+                    return await self._records.submit(written)
+                except ConcurrentWrite:
+                    if not tries_left:
+                        raise
 
         await STORE_RETRY.run(write)
+
+    async def _record_all(self, writes: list[_Written]) -> list[None]:
+        now = datetime.now(UTC)
+        async with self.store.transaction() as conn:
+            # By ticket, each one's in the order they came: two batches never wait on each
+            # other's tickets in opposite orders, and a ticket mirrors its latest email.
+            for written in sorted(writes, key=lambda written: written.email.sid):
+                email, status = written.email, written.status
+                await emails.record(conn, email, status, written.attempts, written.error, now)
+        return [None] * len(writes)
 
     async def _finish(
         self, job: Job, status: Literal["sent", "failed"], error: str | None, *, permanent: bool
