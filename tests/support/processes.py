@@ -44,6 +44,7 @@ class WorkerProcess:
         self.log_path = log_path
         self.cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
+        self.terminated = False  # SIGTERM sent: a second one could land after its handler is gone
         # label ("start", "10%", …, "end", "drained") -> (VmRSS, VmHWM) in KiB
         self.memory: dict[str, tuple[int, int]] = {}
 
@@ -150,8 +151,15 @@ class WorkerProcess:
         assert process is not None
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
+        self.terminated = True
         await wait_until(lambda: process.poll() is not None, timeout, step=0.05)
         return process.poll(), time.monotonic() - started
+
+    def signal_stop(self) -> None:
+        """SIGTERM, once, unless it has exited."""
+        if self.process is not None and not self.terminated and self.process.poll() is None:
+            self.process.terminate()
+            self.terminated = True
 
     async def stop(self, timeout: float = 30) -> int | None:
         """SIGTERM unless it has exited, then its exit code; None when it had to be killed
@@ -159,8 +167,7 @@ class WorkerProcess:
         process = self.process
         if process is None:
             return None
-        if process.poll() is None:
-            process.terminate()
+        self.signal_stop()
         try:
             return await asyncio.to_thread(process.wait, timeout)
         except subprocess.TimeoutExpired:
@@ -173,7 +180,5 @@ async def stop_workers(workers: Sequence[WorkerProcess], timeout: float = 60) ->
     """SIGTERM to every worker still running, then their exit codes (None: killed after
     `timeout` seconds)."""
     for worker in workers:
-        if worker.running:
-            assert worker.process is not None
-            worker.process.terminate()
+        worker.signal_stop()
     return [await worker.stop(timeout) for worker in workers]
