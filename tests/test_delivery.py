@@ -263,8 +263,11 @@ async def test_rejected_login_fails_at_once(env: Env):
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 async def test_500_emails_to_one_relay_open_a_handful_of_connections(env: Env, smtp: SmtpServer):
     world = await configure(env, smtp, recipients=["oncall@example.com"], limits=BIG_LIMITS)
+    data = [world.ticket_data(f"alert {n}") for n in range(500)]
 
-    await asyncio.gather(*(world.new_ticket(f"alert {n}") for n in range(500)))
+    # The last of 500 replies comes after all 500 commands ran: on a machine busy with the fault
+    # suite that is more than a call's usual 20 s. What is asserted here is connections, not time.
+    await asyncio.gather(*(world.ok("ticket.new", d, timeout=90) for d in data))
 
     await smtp.wait_for(500, timeout=60)
     assert smtp.connections <= 10, f"{smtp.connections} connections for 500 emails"
