@@ -208,10 +208,8 @@ class CommandConsumer(Consumer):
         super().__init__(parts)
         self.router = router
         self.unrouted = unrouted
-        # SQLite has one writer: a second batch would only wait for the first one's lock.
-        runners = 1 if self.store.dialect == "sqlite" else 2
         self._batches: Batches[_Job, Result] = Batches(
-            self._execute_all, size=BATCH_SIZE, runners=runners
+            self._execute_all, size=BATCH_SIZE, runners=self.store.writers
         )
 
     # --- the message's fate ---------------------------------------------------------------------
@@ -369,7 +367,6 @@ class CommandConsumer(Consumer):
             await users.lock(conn, sorted({a.login for a in auths if isinstance(a, UserAuth)}))
             for job in jobs:
                 now = datetime.now(UTC)
-                job.principal = None
                 with job.bound():
                     try:
                         async with conn.begin_nested():
@@ -408,7 +405,6 @@ class CommandConsumer(Consumer):
 
     async def _execute_once(self, job: _Job, maybe_done: bool) -> Result:
         now = datetime.now(UTC)
-        job.principal = None
         try:
             async with self.store.transaction() as conn:
                 return await self._run(conn, job, now, maybe_done)
@@ -418,6 +414,8 @@ class CommandConsumer(Consumer):
     async def _run(self, conn: Connection, job: _Job, now: datetime, maybe_done: bool) -> Result:
         """The command's result, run in `conn`; CommandError when it is refused."""
         spec, parsed, meta = job.spec, job.parsed, job.meta
+        # A run after a failed one authenticates again: the last one's principal is not this one's.
+        job.principal = None
         auth = parsed.auth
         if auth is None:
             raise AuthenticationError()

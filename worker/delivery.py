@@ -76,6 +76,7 @@ MAX_WAITING = 64
 MAX_WAITING_TOTAL = 128
 # Emails that came meanwhile are claimed together, and the outcomes of those sent meanwhile are
 # recorded together, in one transaction each, up to this many.
+CLAIMS_BATCH = 64
 RECORDS_BATCH = 64
 RECORD_RETRIES = 5
 
@@ -124,13 +125,12 @@ class _Written:
 class DeliveryConsumer(Consumer):
     def __init__(self, parts: Parts) -> None:
         super().__init__(parts)
-        # SQLite has one writer: a second batch would only wait for the first one's lock.
-        runners = 1 if self.store.dialect == "sqlite" else 2
+        writers = self.store.writers
         self._records: Batches[_Written, None] = Batches(
-            self._record_all, size=RECORDS_BATCH, runners=runners
+            self._record_all, size=RECORDS_BATCH, runners=writers
         )
         self._claims: Batches[_Claim, _Claimed] = Batches(
-            self._claim_all, size=RECORDS_BATCH, runners=runners
+            self._claim_all, size=CLAIMS_BATCH, runners=writers
         )
         self.pool = SmtpPool(max_per_relay=CONNECTIONS_PER_RELAY)
         self.gate = Gate(

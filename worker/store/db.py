@@ -125,6 +125,12 @@ class Store:
                 ours = CommitUnknown("the store became unavailable during commit")
             raise ours from exc
 
+    @property
+    def writers(self) -> int:
+        """How many transactions are worth running at once: SQLite has one writer, so a second
+        would only wait for the first one's lock."""
+        return 1 if self._lock is not None else 2
+
     async def close(self) -> None:
         await self.engine.dispose()
 
