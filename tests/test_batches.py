@@ -13,6 +13,7 @@ import json
 import uuid
 from typing import Any
 
+import pytest
 from sqlalchemy import text
 
 from tests.support.environment import Env
@@ -20,7 +21,9 @@ from tests.support.logs import log_lines
 from tests.support.payloads import relay_options
 from tests.support.smtp_servers import SmtpServer
 from tests.support.world import configure
+from worker import parsing
 from worker.batching import Batches
+from worker.consumer import CommandConsumer, Meta, Result, _Job
 
 GOOD = 30
 
@@ -219,3 +222,90 @@ async def test_an_email_that_cannot_be_claimed_holds_back_none_claimed_with_it(
         if line.get("event") == "email.processed" and line.get("email_id") in good
     ]
     assert ["sent"] * GOOD == outcomes
+
+
+# --- one transaction, read ahead ----------------------------------------------------------------
+
+
+async def _run_together(
+    worker: Any, commands: list[tuple[str, dict[str, str], dict[str, Any], str]]
+) -> list[dict[str, Any]]:
+    """The replies of (type, auth, data, message_id) commands run as one batch, in this order:
+    which commands the broker delivers together cannot be chosen from outside."""
+    consumer = CommandConsumer(worker.parts, router=worker.router)
+    jobs = []
+    for type_, auth, data, message_id in commands:
+        body = json.dumps({"type": type_, "auth": auth, "data": data}).encode()
+        meta = Meta(message_id, None, message_id, type_, redelivered=False, delivery_count=0)
+        parsed = parsing.read(body, type_, worker.settings.max_message_bytes)
+        spec = worker.router.get(type_)
+        jobs.append(_Job(spec, parsed, body, meta))
+    results = await consumer._execute_all(jobs)
+    replies = []
+    for result in results:
+        assert isinstance(result, Result), result
+        assert result.batch == len(commands)
+        assert result.reply is not None
+        replies.append(json.loads(result.reply))
+    return replies
+
+
+@pytest.mark.parametrize("change", ["reset_password", "disable", "delete"])
+async def test_a_user_changed_in_a_batch_is_refused_by_the_rest_of_it(
+    env: Env, smtp: SmtpServer, change: str
+) -> None:
+    """The logins a batch read at its start are not trusted after an owner's command ran in it:
+    a password reset, a disabled or a deleted user stops working at once, in the same batch."""
+    world = await configure(env, smtp)
+    change_command = {
+        "reset_password": ("settings.smtp_user.reset_password", {}),
+        "disable": ("settings.smtp_user.edit", {"status": "Disable"}),
+        "delete": ("settings.smtp_user.delete", {}),
+    }[change]
+    type_, extra = change_command
+    before, after = uuid.uuid4().hex, uuid.uuid4().hex
+    replies = await _run_together(
+        env.workers[0],
+        [
+            ("ticket.new", world.auth, world.ticket_data("before"), before),
+            (type_, world.owner, {"smtp_user_name": world.user_name, **extra}, uuid.uuid4().hex),
+            ("ticket.new", world.auth, world.ticket_data("after"), after),
+            # A repeat of the first: its sender is authenticated before its record is found.
+            ("ticket.new", world.auth, world.ticket_data("before"), before),
+        ],
+    )
+
+    first, changed, *refused = replies
+    assert "success" == first["status"] == changed["status"], (first, changed)
+    expected = "Forbidden" if change == "disable" else "AuthenticationError"
+    assert [("error", expected)] * 2 == [(r["status"], r["error"]["name"]) for r in refused]
+    owner_id = world.owner["owner_id"]
+    tickets = await env.query("SELECT title FROM tickets WHERE owner_id = :o", o=owner_id)
+    titles = [row.title for row in tickets]
+    assert ["before"] == titles
+
+
+async def test_repeats_in_one_batch_are_answered_from_the_batch_and_recorded_once(
+    env: Env, smtp: SmtpServer
+) -> None:
+    world = await configure(env, smtp)
+    ids = [uuid.uuid4().hex for _ in range(3)]
+    commands = [("ticket.new", world.auth, world.ticket_data(f"t{n}"), ids[n]) for n in range(3)]
+    absent = {"channel": "absent", "ticket": {"title": "Lost", "body": "nowhere"}}
+    refused_id = uuid.uuid4().hex
+    commands.append(("ticket.new", world.auth, absent, refused_id))
+    replies = await _run_together(env.workers[0], commands + commands[::-1])
+
+    assert replies[:4] == replies[4:][::-1]
+    assert ["success"] * 3 + ["error"] == [reply["status"] for reply in replies[:4]]
+    assert 3 == await world.stored("tickets")
+    recorded = [
+        row
+        for row in await env.query("SELECT message_id, status FROM processed_commands")
+        if row.message_id in {*ids, refused_id}
+    ]
+    assert sorted([(i, "success") for i in ids] + [(refused_id, "error")]) == sorted(
+        (row.message_id, row.status) for row in recorded
+    )
+    # And a repeat published later is answered from the records, by the worker.
+    assert replies[0] == await world.call("ticket.new", world.ticket_data("t0"), message_id=ids[0])

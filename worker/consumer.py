@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -156,6 +156,22 @@ class Verdict:
     result: Result | None = None
     # An error reply sent as far as the broker takes it, before the message goes to P.dead.
     notice: bytes | None = None
+
+
+@dataclass(slots=True)
+class _Known:
+    """What a transaction read at its start for all of its commands, and the idempotency records
+    it writes at its end: a handful of statements for the batch, not three for each command."""
+
+    # The SMTP users' logins by name; None once a command of an owner ran, which may have
+    # changed them: each command then reads its own.
+    logins: dict[str, users.Login] | None
+    # The records kept under `looked_up`, the keys read; a key outside it is read when needed.
+    found: dict[idempotency.Key, idempotency.Processed]
+    looked_up: set[idempotency.Key]
+    # What the transaction's commands did so far, recorded when it ends (and found by repeats
+    # within it).
+    records: dict[idempotency.Key, idempotency.Processed] = field(default_factory=dict)
 
 
 class _MessageIdReused(Conflict):
@@ -363,18 +379,47 @@ class CommandConsumer(Consumer):
     async def _execute_batch(self, jobs: list[_Job]) -> list[Result | BaseException]:
         results: list[Result | BaseException] = []
         async with self.store.transaction() as conn:
-            auths = [job.parsed.auth for job in jobs]
-            await users.lock(conn, sorted({a.login for a in auths if isinstance(a, UserAuth)}))
+            known = await self._read_ahead(conn, jobs)
             for job in jobs:
                 now = datetime.now(UTC)
                 with job.bound():
                     try:
                         async with conn.begin_nested():
-                            result = await self._run(conn, job, now, job.meta.redelivered)
+                            result = await self._run(conn, job, now, job.meta.redelivered, known)
                     except CommandError as exc:
-                        result = await self._refused(job, exc, now, conn)
+                        result = self._refused(job, exc, now, known)
                 results.append(result)
+            await self._record(conn, known)
         return results
+
+    async def _read_ahead(self, conn: Connection, jobs: list[_Job]) -> _Known:
+        """The logins and idempotency records `jobs` need, in a statement or two each; on
+        PostgreSQL, the row locks of their users when there are several."""
+        claimed = [job.parsed.auth for job in jobs]
+        logins = await users.logins(conn, {a.login for a in claimed if isinstance(a, UserAuth)})
+        # Only users whose passwords were given are locked: naming another tenant's login takes
+        # no lock of theirs. (Each command is then authenticated as ever, `authenticate`.)
+        verified = {
+            a.login
+            for a in claimed
+            if isinstance(a, UserAuth)
+            and a.login in logins
+            and self.keyring.verify(a.password, logins[a.login].password_hash)
+        }
+        if len(verified) > 1:
+            logins.update(await users.lock(conn, verified))
+        keys = set()
+        for job in jobs:
+            auth, message_id = job.parsed.auth, job.meta.message_id
+            if message_id is None or auth is None:
+                continue
+            if isinstance(auth, UserAuth):
+                if auth.login in verified:
+                    keys.add(idempotency.Key(logins[auth.login].owner_id, auth.login, message_id))
+            else:
+                keys.add(idempotency.Key(auth.owner_id, "", message_id))
+        found = await idempotency.find(conn, keys, datetime.now(UTC))
+        return _Known(logins, found, keys)
 
     async def _execute(self, job: _Job, *, maybe_done: bool = False) -> Result:
         with job.bound():
@@ -407,11 +452,21 @@ class CommandConsumer(Consumer):
         now = datetime.now(UTC)
         try:
             async with self.store.transaction() as conn:
-                return await self._run(conn, job, now, maybe_done)
+                known = await self._read_ahead(conn, [job])
+                result = await self._run(conn, job, now, maybe_done, known)
+                await self._record(conn, known)
+                return result
         except CommandError as exc:
-            return await self._refused(job, exc, now)
+            refused = _Known({}, {}, set())
+            result = self._refused(job, exc, now, refused)
+            if refused.records:
+                async with self.store.transaction() as conn:
+                    await self._record(conn, refused)
+            return result
 
-    async def _run(self, conn: Connection, job: _Job, now: datetime, maybe_done: bool) -> Result:
+    async def _run(
+        self, conn: Connection, job: _Job, now: datetime, maybe_done: bool, known: _Known
+    ) -> Result:
         """The command's result, run in `conn`; CommandError when it is refused."""
         spec, parsed, meta = job.spec, job.parsed, job.meta
         # A run after a failed one authenticates again: the last one's principal is not this one's.
@@ -419,9 +474,16 @@ class CommandConsumer(Consumer):
         auth = parsed.auth
         if auth is None:
             raise AuthenticationError()
-        principal = job.principal = await authenticate(conn, self.keyring, spec.auth, auth)
+        principal = await authenticate(conn, self.keyring, spec.auth, auth, known.logins)
+        job.principal = principal
+        if spec.auth == "owner":
+            known.logins = None  # its handler may change an SMTP user
         if meta.message_id is not None:
-            found = await idempotency.find(conn, _key(principal, meta.message_id), now)
+            key = _key(principal, meta.message_id)
+            if key not in known.looked_up:
+                known.found.update(await idempotency.find(conn, [key], now))
+                known.looked_up.add(key)
+            found = known.records.get(key) or known.found.get(key)
             if found is not None:
                 if found.type != spec.type:
                     raise _MessageIdReused()
@@ -438,8 +500,8 @@ class CommandConsumer(Consumer):
         data = await spec.handler(ctx, command.data)
         if spec.finish is None:
             reply = success_reply(spec.type, meta.message_id, data)
-            await self._record(conn, principal, meta, spec, "success", reply, ctx.effects, now)
             await ctx.finish()
+            self._remember(known, principal, meta, spec, "success", reply, ctx.effects)
             return Result(reply, ctx.effects, Outcome.SUCCESS)
         # A probe waits on a relay for up to its timeout: the probe consumer runs it, and answers
         # and records it, without holding this consumer's slot (contract 5).
@@ -454,30 +516,31 @@ class CommandConsumer(Consumer):
         )
         return Result(None, [Effect("probe", "", probe.dump())], Outcome.QUEUED)
 
-    async def _record(
+    def _remember(
         self,
-        conn: Connection,
+        known: _Known,
         principal: Principal,
         meta: Meta,
         spec: Spec,
         status: str,
         reply: bytes,
         effects: list[Effect],
-        now: datetime,
     ) -> None:
+        """Keeps what the command did, to be recorded with the transaction (`_record`)."""
         if meta.message_id is None:
             return
         secret = spec.secret and status == "success"
         if secret:
             reply = self.keyring.encrypt(reply.decode()).encode()
         processed = idempotency.Processed(spec.type, reply, secret, effects, status)
-        key = _key(principal, meta.message_id)
-        await idempotency.record(conn, key, processed, now, self.settings.idempotency_ttl)
+        known.records[_key(principal, meta.message_id)] = processed
 
-    async def _refused(
-        self, job: _Job, exc: CommandError, now: datetime, conn: Connection | None = None
-    ) -> Result:
-        """The refusal's reply and event, recorded in `conn` or else a transaction of its own."""
+    async def _record(self, conn: Connection, known: _Known) -> None:
+        records = list(known.records.items())
+        await idempotency.record(conn, records, datetime.now(UTC), self.settings.idempotency_ttl)
+
+    def _refused(self, job: _Job, exc: CommandError, now: datetime, known: _Known) -> Result:
+        """The refusal's reply and event, remembered in `known` when it is to be recorded."""
         spec, principal, meta = job.spec, job.principal, job.meta
         details = _bounded(exc.details)
         reply = error_reply(spec.type, meta.message_id, exc.name, exc.message, details)
@@ -485,11 +548,7 @@ class CommandConsumer(Consumer):
         error = {"name": exc.name, "message": exc.message, "details": details}
         effects = [command_failed(spec.type, meta.message_id, owner_id, now, error)]
         if principal is not None and not isinstance(exc, _NOT_REMEMBERED):
-            if conn is not None:
-                await self._record(conn, principal, meta, spec, "error", reply, effects, now)
-            else:
-                async with self.store.transaction() as own:
-                    await self._record(own, principal, meta, spec, "error", reply, effects, now)
+            self._remember(known, principal, meta, spec, "error", reply, effects)
         return Result(reply, effects, Outcome.REFUSED, "error", exc.name)
 
 

@@ -175,7 +175,7 @@ class ProbeConsumer(Consumer):
         if job.message_id is None:
             return None
         async with self.store.transaction() as conn:
-            found = await idempotency.find(conn, _key(job), now)
+            found = (await idempotency.find(conn, [_key(job)], now)).get(_key(job))
         if found is None:
             return None
         return _Answer(found.reply, found.status, found.effects, recorded=True)
@@ -193,7 +193,7 @@ class ProbeConsumer(Consumer):
                     job.type, answer.reply, False, answer.effects, answer.status
                 )
                 ttl = self.settings.idempotency_ttl
-                await idempotency.record(conn, _key(job), processed, now, ttl)
+                await idempotency.record(conn, [(_key(job), processed)], now, ttl)
         except ConcurrentWrite:
             first = await self._recorded(job, now)
             if first is None:

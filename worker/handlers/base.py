@@ -9,7 +9,7 @@ once the transaction has committed.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, TypeVar
@@ -161,9 +161,16 @@ _OWNER_TOKEN_HASHES = _Recent(OWNERS_CACHED)
 
 
 async def authenticate(
-    conn: Connection, keyring: Keyring, kind: AuthKind, auth: OwnerAuth | UserAuth
+    conn: Connection,
+    keyring: Keyring,
+    kind: AuthKind,
+    auth: OwnerAuth | UserAuth,
+    logins: Mapping[str, users.Login] | None = None,
 ) -> Principal:
-    """The principal behind `auth`, or AuthenticationError with one message for every cause."""
+    """The principal behind `auth`, or AuthenticationError with one message for every cause.
+
+    `logins`: the SMTP users' logins as this transaction already read them (`users.logins`), by
+    name; a name missing there is no user. Without them, the user's login is read now."""
     if kind == "owner":
         assert isinstance(auth, OwnerAuth)
         token_hash = _OWNER_TOKEN_HASHES.get(auth.owner_id)
@@ -176,7 +183,7 @@ async def authenticate(
             raise AuthenticationError()
         return Principal(auth.owner_id)
     assert isinstance(auth, UserAuth)
-    user = await users.login(conn, auth.login)
+    user = logins.get(auth.login) if logins is not None else await users.login(conn, auth.login)
     if not keyring.verify(auth.password, user.password_hash if user else "") or user is None:
         raise AuthenticationError()
     if user.status != "Enable":

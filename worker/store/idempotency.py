@@ -8,10 +8,11 @@ reply holding a secret arrives here encrypted (`secret`), and leaves as it came.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, delete, insert, select
+from sqlalchemy import bindparam, delete, insert, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from worker.events import Effect
@@ -34,8 +35,18 @@ _KEY = (
     pc.c.message_id == bindparam("message_id"),
 )
 _FIND = select(
-    pc.c.type, pc.c.reply, pc.c.secret, pc.c.effects, pc.c.status, pc.c.expires_at
-).where(*_KEY)
+    pc.c.owner_id,
+    pc.c.principal,
+    pc.c.message_id,
+    pc.c.type,
+    pc.c.reply,
+    pc.c.secret,
+    pc.c.effects,
+    pc.c.status,
+    pc.c.expires_at,
+).where(
+    tuple_(pc.c.owner_id, pc.c.principal, pc.c.message_id).in_(bindparam("keys", expanding=True))
+)
 _FORGET = delete(pc).where(*_KEY)
 _RECORD = insert(pc)
 
@@ -57,34 +68,48 @@ class Key:
         }
 
 
-async def find(conn: AsyncConnection, key: Key, now: datetime) -> Processed | None:
-    row = (await conn.execute(_FIND, key.params())).first()
-    if row is None:
-        return None
-    if row.expires_at <= now:
-        # Forgotten: clear the way for this command's own record (the sweeper may be late).
-        await conn.execute(_FORGET, key.params())
-        return None
-    effects = [Effect.load(e) for e in json.loads(row.effects)]
-    return Processed(row.type, row.reply.encode(), bool(row.secret), effects, row.status)
+async def find(conn: AsyncConnection, keys: Collection[Key], now: datetime) -> dict[Key, Processed]:
+    """The records kept under these keys, in one statement; those forgotten are not returned."""
+    if not keys:
+        return {}
+    params = [(k.owner_id, k.principal, k.message_id) for k in keys]
+    found: dict[Key, Processed] = {}
+    for row in await conn.execute(_FIND, {"keys": params}):
+        key = Key(row.owner_id, row.principal, row.message_id)
+        if row.expires_at <= now:
+            # Forgotten: clear the way for this command's own record (the sweeper may be late).
+            await conn.execute(_FORGET, key.params())
+            continue
+        effects = [Effect.load(e) for e in json.loads(row.effects)]
+        found[key] = Processed(row.type, row.reply.encode(), bool(row.secret), effects, row.status)
+    return found
 
 
 async def record(
-    conn: AsyncConnection, key: Key, processed: Processed, now: datetime, ttl: float
+    conn: AsyncConnection,
+    records: Sequence[tuple[Key, Processed]],
+    now: datetime,
+    ttl: float,
 ) -> None:
-    """Keeps what the command `key` names did, for `ttl` seconds (its `reply` as given: one
-    holding a secret arrives encrypted)."""
+    """Keeps what the commands the keys name did, for `ttl` seconds, in one statement (each
+    `reply` as given: one holding a secret arrives encrypted)."""
+    if not records:
+        return
+    expires_at = now + timedelta(seconds=ttl)
     await conn.execute(
         _RECORD,
-        {
-            **key.params(),
-            "type": processed.type,
-            "status": processed.status,
-            "reply": processed.reply.decode(),
-            "secret": processed.secret,
-            "effects": json.dumps([e.dump() for e in processed.effects]),
-            "expires_at": now + timedelta(seconds=ttl),
-        },
+        [
+            {
+                **key.params(),
+                "type": processed.type,
+                "status": processed.status,
+                "reply": processed.reply.decode(),
+                "secret": processed.secret,
+                "effects": json.dumps([e.dump() for e in processed.effects]),
+                "expires_at": expires_at,
+            }
+            for key, processed in records
+        ],
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from sqlalchemy import bindparam, case, delete, insert, select, update
@@ -13,9 +13,16 @@ from worker.store.tables import smtp_users
 
 # The hot statements are built once, with bound parameters: SQLAlchemy then neither constructs
 # nor keys them again for every command.
-_LOGIN = select(smtp_users.c.owner_id, smtp_users.c.password_hash, smtp_users.c.status).where(
-    smtp_users.c.name == bindparam("name")
+_LOGIN_COLUMNS = (
+    smtp_users.c.name,
+    smtp_users.c.owner_id,
+    smtp_users.c.password_hash,
+    smtp_users.c.status,
 )
+# A login: name, owner_id, password_hash and status.
+Login = Row[Any, Any, Any, Any]
+_LOGIN = select(*_LOGIN_COLUMNS).where(smtp_users.c.name == bindparam("name"))
+_LOGINS = select(*_LOGIN_COLUMNS).where(smtp_users.c.name.in_(bindparam("names", expanding=True)))
 _sent_this_hour = case(
     (smtp_users.c.sent_hour == bindparam("hour"), smtp_users.c.hourly_sent), else_=0
 )
@@ -35,28 +42,35 @@ _COUNT_EMAILS = (
     )
 )
 _BY_NAME = select(smtp_users).where(smtp_users.c.name == bindparam("name"))
-_LOCK = (
-    select(smtp_users.c.name)
-    .where(smtp_users.c.name.in_(bindparam("names", expanding=True)))
-    .order_by(smtp_users.c.name)
-    .with_for_update()
-)
+_LOCK = _LOGINS.order_by(smtp_users.c.name).with_for_update()
 
 
-async def login(conn: AsyncConnection, name: str) -> Row[Any, Any, Any] | None:
-    """The user's owner_id, password_hash and status, to authenticate a command."""
+async def login(conn: AsyncConnection, name: str) -> Login | None:
+    """The user's name, owner_id, password_hash and status, to authenticate a command."""
     return (await conn.execute(_LOGIN, {"name": name})).first()
 
 
-async def lock(conn: AsyncConnection, names: Sequence[str]) -> None:
-    """Takes the row locks of these users (those that exist) in the order of their names.
+async def logins(conn: AsyncConnection, names: Collection[str]) -> dict[str, Login]:
+    """The logins (as `login` gives them) of these users, those that exist, in one statement."""
+    if not names:
+        return {}
+    rows = await conn.execute(_LOGINS, {"names": list(names)})
+    return {row.name: row for row in rows}
+
+
+async def lock(conn: AsyncConnection, names: Collection[str]) -> dict[str, Login]:
+    """Takes the row locks of these users (those that exist) in the order of their names, and
+    gives their logins as they are under the locks.
 
     A transaction that runs the commands of several users counts against each of their quotas
     in turn; taken first and in one order, their locks cannot deadlock with another such
-    transaction's. SQLite has a single writer, and nothing to lock.
+    transaction's. SQLite has a single writer, and nothing to lock: there it gives nothing, and
+    what the transaction read stands.
     """
-    if names and conn.dialect.name == "postgresql":
-        await conn.execute(_LOCK, {"names": list(names)})
+    if not names or conn.dialect.name != "postgresql":
+        return {}
+    rows = await conn.execute(_LOCK, {"names": sorted(names)})
+    return {row.name: row for row in rows}
 
 
 async def count_emails(conn: AsyncConnection, name: str, count: int, hour: int) -> bool:
