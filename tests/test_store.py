@@ -76,8 +76,10 @@ async def test_emails_are_claimed_once_under_a_lease_and_their_state_reaches_the
         assert set() == await emails.claim(conn, ["e1", "e2"], NOW, LEASE)
         # A lease past its end is free again.
         assert {"e1"} == await emails.claim(conn, ["e1"], NOW + LEASE + timedelta(seconds=1), LEASE)
-        await emails.record(conn, (await emails.get_many(conn, ["e1"]))["e1"], "sent", 1, None, NOW)
-        assert {"e1": "sent", "e2": "pending"} == await emails.statuses(conn, ["e1", "e2"])
+        e1 = (await emails.get_many(conn, ["e1"]))["e1"]
+        await emails.record(conn, [emails.State(e1, "sent", 1, None)], NOW)
+        stored = await emails.get_many(conn, ["e1", "e2"])
+        assert {"e1": "sent", "e2": "pending"} == {k: row.status for k, row in stored.items()}
         assert set() == await emails.claim(conn, ["e1"], NOW + timedelta(days=1), LEASE)
         ticket = await tickets.get(conn, "t1")
     assert ("sent", 1, None) == (
@@ -164,13 +166,10 @@ async def test_an_email_to_send_comes_with_its_ticket_settings_prefix_and_hit_in
                 recipients=["ops@example.com"],
                 now=NOW,
             )
-        ticket_email = await emails.to_send(conn, "e1")
-        hit_email = await emails.to_send(conn, "e2")
-        orphan = await emails.to_send(conn, "e3")
-        missing = await emails.to_send(conn, "e4")
-        claimed = [await emails.claim_one(conn, "e1", NOW, LEASE) for _ in range(2)]
+        found = await emails.to_send(conn, ["e1", "e2", "e3", "e4"])
+        claimed = [await emails.claim(conn, ["e1"], NOW, LEASE) for _ in range(2)]
 
-    assert ticket_email is not None and hit_email is not None and orphan is not None
+    ticket_email, hit_email, orphan = found["e1"], found["e2"], found["e3"]
     assert ("s1", "alerts@example.com", "relay.example.com", "[ops]") == (
         ticket_email.settings_id,
         ticket_email.sender,
@@ -189,5 +188,5 @@ async def test_an_email_to_send_comes_with_its_ticket_settings_prefix_and_hit_in
         hit_email.hit_body,
     )
     assert (None, None) == (orphan.settings_id, orphan.hit_seq)
-    assert missing is None
-    assert [True, False] == claimed  # the second finds the lease taken
+    assert "e4" not in found
+    assert [{"e1"}, set()] == claimed  # the second finds the lease taken

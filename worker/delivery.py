@@ -51,7 +51,7 @@ from worker.outcomes import (
     processing,
     settle_as,
 )
-from worker.store import Connection, Row, emails
+from worker.store import Row, emails
 
 log = structlog.get_logger("worker.delivery")
 
@@ -112,21 +112,11 @@ class _Taken:
 _Claimed = _Taken | Unclaimed | Row[Any]
 
 
-@dataclass(frozen=True, slots=True)
-class _Written:
-    """An email's state to record."""
-
-    email: Row[Any]
-    status: str
-    attempts: int
-    error: str | None
-
-
 class DeliveryConsumer(Consumer):
     def __init__(self, parts: Parts) -> None:
         super().__init__(parts)
         writers = self.store.writers
-        self._records: Batches[_Written, None] = Batches(
+        self._records: Batches[emails.State, None] = Batches(
             self._record_all, size=RECORDS_BATCH, runners=writers
         )
         self._claims: Batches[_Claim, _Claimed] = Batches(
@@ -292,18 +282,32 @@ class DeliveryConsumer(Consumer):
         return Job(email, relay, envelope_sender, message_id, message)
 
     async def _claim_all(self, claims: list[_Claim]) -> list[_Claimed | Exception]:
-        """Claims these emails in one transaction (see _claim); in the order of their ids, so
-        that two batches never wait on each other's rows in opposite orders."""
-        found: dict[int, _Claimed | Exception] = {}
+        """Claims these emails in one transaction (see _claim): a statement to read (and lock)
+        them all, one to take the leases of those to send now."""
+        now = max(claim.now for claim in claims)
+        found: list[_Claimed | Exception] = []
         async with self.store.transaction() as conn:
-            for index, claim in sorted(enumerate(claims), key=lambda item: item[1].email_id):
-                found[index] = await self._claim_in(conn, claim.email_id, claim.now)
-        return [found[index] for index in range(len(claims))]
+            rows = await emails.to_send(conn, {claim.email_id for claim in claims})
+            wanted: set[str] = set()
+            for claim in claims:
+                if claim.email_id in wanted:
+                    # Twice in one batch (a parked copy and its redelivered original): the first
+                    # one sends it.
+                    found.append("busy")
+                    continue
+                outcome = self._claimable(rows.get(claim.email_id))
+                if isinstance(outcome, _Taken):
+                    wanted.add(claim.email_id)
+                found.append(outcome)
+            taken = await emails.claim(conn, wanted, now, LEASE)
+        for index, outcome in enumerate(found):
+            if isinstance(outcome, _Taken) and outcome.email.id not in taken:
+                # Leased already by another worker (which is sending it, or died doing so).
+                found[index] = "busy" if outcome.email.status == "pending" else "done"
+        return found
 
-    async def _claim_in(
-        self, conn: Connection, email_id: str, now: datetime
-    ) -> _Claimed | Exception:
-        email = await emails.to_send(conn, email_id)
+    def _claimable(self, email: Row[Any] | None) -> _Claimed | Exception:
+        """What a claim of `email`, as read, finds: the email to take, else why not."""
         if email is None:
             return "missing"
         if email.status in ("sent", "failed"):
@@ -320,15 +324,12 @@ class DeliveryConsumer(Consumer):
             # The lease is taken only once a connection is there to send it with.
             if not self.pool.has_free_connection(relay):
                 return "saturated"
-        if not await emails.claim_one(conn, email_id, now, LEASE):
-            status = (await emails.statuses(conn, [email_id])).get(email_id)
-            return "busy" if status == "pending" else "done"
         return _Taken(email, relay)
 
     async def _record(self, email: Row[Any], status: str, attempts: int, error: str | None) -> None:
         """Writes the email's state, mirrored on its ticket's `delivery`, and frees its lease;
         with those of the other emails sent meanwhile, in one transaction."""
-        written = _Written(email, status, attempts, error)
+        written = emails.State(email, status, attempts, error)
 
         async def write() -> None:
             # A batch that lost a race for a ticket's row (a deadlock) is written again.
@@ -341,14 +342,12 @@ class DeliveryConsumer(Consumer):
 
         await STORE_RETRY.run(write)
 
-    async def _record_all(self, writes: list[_Written]) -> list[None]:
-        now = datetime.now(UTC)
+    async def _record_all(self, writes: list[emails.State]) -> list[None]:
+        # By ticket, each one's in the order they came: two batches never wait on each other's
+        # tickets in opposite orders, and a ticket mirrors its latest email.
+        ordered = sorted(writes, key=lambda written: written.email.sid)
         async with self.store.transaction() as conn:
-            # By ticket, each one's in the order they came: two batches never wait on each
-            # other's tickets in opposite orders, and a ticket mirrors its latest email.
-            for written in sorted(writes, key=lambda written: written.email.sid):
-                email, status = written.email, written.status
-                await emails.record(conn, email, status, written.attempts, written.error, now)
+            await emails.record(conn, ordered, datetime.now(UTC))
         return [None] * len(writes)
 
     async def _finish(

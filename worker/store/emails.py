@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -53,12 +54,16 @@ _TO_SEND = (
         and_(channels.c.owner_id == emails.c.owner_id, channels.c.name == tickets_table.c.channel),
     )
     .outerjoin(hits, and_(hits.c.sid == emails.c.sid, hits.c.seq == emails.c.seq))
-    .where(emails.c.id == bindparam("email_id"))
+    .where(emails.c.id.in_(bindparam("ids", expanding=True)))
+    # Locked in the order of their ids (PostgreSQL; SQLite has a single writer): two claims of
+    # the same emails never wait on each other in opposite orders.
+    .order_by(emails.c.id)
+    .with_for_update(of=emails)
 )
 _CLAIM = (
     update(emails)
     .where(
-        emails.c.id == bindparam("email_id"),
+        emails.c.id.in_(bindparam("ids", expanding=True)),
         # Read by the UPDATE itself: another job for the same email (a parked copy and its
         # redelivered original) may have sent it since it was read, and a sent email's lease
         # is free.
@@ -66,6 +71,7 @@ _CLAIM = (
         or_(emails.c.lease_until.is_(None), emails.c.lease_until < bindparam("now")),
     )
     .values(lease_until=bindparam("lease_until"))
+    .returning(emails.c.id)
 )
 _RECORD = (
     update(emails)
@@ -117,55 +123,57 @@ async def get_many(conn: AsyncConnection, ids: Sequence[str]) -> dict[str, Row[A
 
 
 async def claim(
-    conn: AsyncConnection, ids: Sequence[str], now: datetime, lease: timedelta
+    conn: AsyncConnection, ids: Collection[str], now: datetime, lease: timedelta
 ) -> set[str]:
     """Takes a lease of `lease` on every email among `ids` that is pending and not leased;
     returns the ids it took."""
-    query = (
-        update(emails)
-        .where(
-            emails.c.id.in_(list(ids)),
-            # Read by the UPDATE itself: another job for the same email (a parked copy and its
-            # redelivered original) may have sent it since it was read, and a sent email's lease
-            # is free.
-            emails.c.status == "pending",
-            or_(emails.c.lease_until.is_(None), emails.c.lease_until < now),
-        )
-        .values(lease_until=now + lease)
-        .returning(emails.c.id)
-    )
-    return set(await conn.scalars(query))
+    if not ids:
+        return set()
+    params = {"ids": sorted(ids), "now": now, "lease_until": now + lease}
+    return set(await conn.scalars(_CLAIM, params))
 
 
-async def to_send(conn: AsyncConnection, email_id: str) -> Row[Any] | None:
-    """The email with all its send needs, in one statement: its columns, and the ticket's
-    (`channel`, `title`, `ticket_body`, `severity`, `ticket_created_at`, `thread_domain`), the
-    domain's settings (`settings_id`, `sender`, `options`, `auth_pass_enc`; None when gone), the
+async def to_send(conn: AsyncConnection, ids: Collection[str]) -> dict[str, Row[Any]]:
+    """The emails among `ids` with all their send needs, by id, in one statement, and locked
+    (PostgreSQL) until the transaction ends: their columns, and the ticket's (`channel`,
+    `title`, `ticket_body`, `severity`, `ticket_created_at`, `thread_domain`), the domain's
+    settings (`settings_id`, `sender`, `options`, `auth_pass_enc`; None when gone), the
     channel's `subject_prefix` (None when gone) and the hit's (`hit_seq`, `hit_summary`,
     `hit_body`, `hit_created_at`; None for a ticket's email or a pruned hit)."""
-    return (await conn.execute(_TO_SEND, {"email_id": email_id})).first()
+    if not ids:
+        return {}
+    return {row.id: row for row in await conn.execute(_TO_SEND, {"ids": sorted(ids)})}
 
 
-async def claim_one(conn: AsyncConnection, email_id: str, now: datetime, lease: timedelta) -> bool:
-    """Takes a lease of `lease` on the email if it is pending and not leased."""
-    params = {"email_id": email_id, "now": now, "lease_until": now + lease}
-    return (await conn.execute(_CLAIM, params)).rowcount == 1
+@dataclass(frozen=True, slots=True)
+class State:
+    """An email's state to record."""
+
+    email: Row[Any]
+    status: str
+    attempts: int
+    error: str | None
 
 
-async def statuses(conn: AsyncConnection, ids: Sequence[str]) -> dict[str, str]:
-    rows = await conn.execute(select(emails.c.id, emails.c.status).where(emails.c.id.in_(ids)))
-    return {row.id: row.status for row in rows}
-
-
-async def record(
-    conn: AsyncConnection,
-    email: Row[Any],
-    status: str,
-    attempts: int,
-    error: str | None,
-    now: datetime,
-) -> None:
-    """Writes the email's state, mirrored on its ticket's `delivery`, and frees its lease."""
-    params = {"new_status": status, "new_attempts": attempts, "new_last_error": error, "now": now}
-    await conn.execute(_RECORD, {"email_id": email.id, **params})
-    await tickets.set_delivery(conn, email.sid, status, attempts, error)
+async def record(conn: AsyncConnection, states: Sequence[State], now: datetime) -> None:
+    """Writes the emails' states, mirrored on their tickets' `delivery`, and frees their leases:
+    a statement for the emails and one for the tickets, in the order given (a ticket mirrors
+    the last of its emails given)."""
+    if not states:
+        return
+    await conn.execute(
+        _RECORD,
+        [
+            {
+                "email_id": state.email.id,
+                "new_status": state.status,
+                "new_attempts": state.attempts,
+                "new_last_error": state.error,
+                "now": now,
+            }
+            for state in states
+        ],
+    )
+    await tickets.set_delivery(
+        conn, [(state.email.sid, state.status, state.attempts, state.error) for state in states]
+    )

@@ -101,11 +101,15 @@ async def delivery_pending(conn: AsyncConnection, sid: str) -> None:
 
 
 async def set_delivery(
-    conn: AsyncConnection, sid: str, status: str, attempts: int, error: str | None
+    conn: AsyncConnection, states: Sequence[tuple[str, str, int, str | None]]
 ) -> None:
-    """The ticket's `delivery`, mirroring its latest email's state."""
-    params = {"new_status": status, "new_attempts": attempts, "new_last_error": error}
-    await conn.execute(_DELIVERY, {"ticket_sid": sid, **params})
+    """Each (sid, status, attempts, error)'s ticket `delivery`, mirroring its latest email's
+    state, in one statement, in the order given."""
+    params = [
+        {"ticket_sid": sid, "new_status": status, "new_attempts": attempts, "new_last_error": error}
+        for sid, status, attempts, error in states
+    ]
+    await conn.execute(_DELIVERY, params)
 
 
 # --- hits ---------------------------------------------------------------------------------------
