@@ -102,7 +102,10 @@ class Store:
                 pool_recycle=1800,
                 # A store that goes silent without closing the connection must not hang a
                 # command forever: past this, the statement fails and the command is retried.
-                connect_args={"command_timeout": 30},
+                # SQLAlchemy prepares each statement once per connection and keeps 100; a batch
+                # names a SAVEPOINT (and its RELEASE) per command, up to 64 of each, which would
+                # push the hot statements out and have them prepared again and again.
+                connect_args={"command_timeout": 30, "prepared_statement_cache_size": 500},
             )
 
     @contextlib.asynccontextmanager
