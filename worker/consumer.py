@@ -394,27 +394,38 @@ class CommandConsumer(Consumer):
 
     async def _read_ahead(self, conn: Connection, jobs: list[_Job]) -> _Known:
         """The logins and idempotency records `jobs` need, in a statement or two each; on
-        PostgreSQL, the row locks of their users when there are several."""
+        PostgreSQL, in a batch, the row locks of their users."""
         claimed = [job.parsed.auth for job in jobs]
         logins = await users.logins(conn, {a.login for a in claimed if isinstance(a, UserAuth)})
         # Only users whose passwords were given are locked: naming another tenant's login takes
         # no lock of theirs. (Each command is then authenticated as ever, `authenticate`.)
-        verified = {
-            a.login
+        passed = {
+            (a.login, a.password)
             for a in claimed
             if isinstance(a, UserAuth)
             and a.login in logins
             and self.keyring.verify(a.password, logins[a.login].password_hash)
         }
-        if len(verified) > 1:
-            logins.update(await users.lock(conn, verified))
+        verified = {login for login, _ in passed}
+        if verified and len(jobs) > 1:
+            # Locked before any command of the batch writes, and read again under the locks: a
+            # reset, disable or delete committed since the read above counts (a user deleted
+            # since is gone). A command alone locks its user when it counts its quota.
+            locked = await users.lock(conn, verified)
+            if locked is not None:
+                for name in verified:
+                    if name in locked:
+                        logins[name] = locked[name]
+                    else:
+                        del logins[name]
         keys = set()
         for job in jobs:
             auth, message_id = job.parsed.auth, job.meta.message_id
             if message_id is None or auth is None:
                 continue
             if isinstance(auth, UserAuth):
-                if auth.login in verified:
+                # Only the records of a command whose own password passed are read ahead.
+                if (auth.login, auth.password) in passed and auth.login in logins:
                     keys.add(idempotency.Key(logins[auth.login].owner_id, auth.login, message_id))
             else:
                 keys.add(idempotency.Key(auth.owner_id, "", message_id))

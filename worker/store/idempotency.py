@@ -47,7 +47,8 @@ _FIND = select(
 ).where(
     tuple_(pc.c.owner_id, pc.c.principal, pc.c.message_id).in_(bindparam("keys", expanding=True))
 )
-_FORGET = delete(pc).where(*_KEY)
+# Only if still expired: a record written since it was read is another command's, and stays.
+_FORGET = delete(pc).where(*_KEY, pc.c.expires_at <= bindparam("now"))
 _RECORD = insert(pc)
 
 
@@ -78,7 +79,7 @@ async def find(conn: AsyncConnection, keys: Collection[Key], now: datetime) -> d
         key = Key(row.owner_id, row.principal, row.message_id)
         if row.expires_at <= now:
             # Forgotten: clear the way for this command's own record (the sweeper may be late).
-            await conn.execute(_FORGET, key.params())
+            await conn.execute(_FORGET, {**key.params(), "now": now})
             continue
         effects = [Effect.load(e) for e in json.loads(row.effects)]
         found[key] = Processed(row.type, row.reply.encode(), bool(row.secret), effects, row.status)

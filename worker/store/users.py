@@ -58,17 +58,17 @@ async def logins(conn: AsyncConnection, names: Collection[str]) -> dict[str, Log
     return {row.name: row for row in rows}
 
 
-async def lock(conn: AsyncConnection, names: Collection[str]) -> dict[str, Login]:
+async def lock(conn: AsyncConnection, names: Collection[str]) -> dict[str, Login] | None:
     """Takes the row locks of these users (those that exist) in the order of their names, and
     gives their logins as they are under the locks.
 
     A transaction that runs the commands of several users counts against each of their quotas
     in turn; taken first and in one order, their locks cannot deadlock with another such
-    transaction's. SQLite has a single writer, and nothing to lock: there it gives nothing, and
+    transaction's. SQLite has a single writer, and nothing to lock: there it gives None, and
     what the transaction read stands.
     """
-    if not names or conn.dialect.name != "postgresql":
-        return {}
+    if conn.dialect.name != "postgresql":
+        return None
     rows = await conn.execute(_LOCK, {"names": sorted(names)})
     return {row.name: row for row in rows}
 
