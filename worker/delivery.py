@@ -302,8 +302,9 @@ class DeliveryConsumer(Consumer):
             taken = await emails.claim(conn, wanted, now, LEASE)
         for index, outcome in enumerate(found):
             if isinstance(outcome, _Taken) and outcome.email.id not in taken:
-                # Leased already by another worker (which is sending it, or died doing so).
-                found[index] = "busy" if outcome.email.status == "pending" else "done"
+                # Pending (a sent or failed one is not taken) but leased already by another
+                # worker, which is sending it or died doing so.
+                found[index] = "busy"
         return found
 
     def _claimable(self, email: Row[Any] | None) -> _Claimed | Exception:

@@ -174,8 +174,9 @@ class ProbeConsumer(Consumer):
     async def _recorded(self, job: ProbeJob, now: datetime) -> _Answer | None:
         if job.message_id is None:
             return None
+        key = _key(job)
         async with self.store.transaction() as conn:
-            found = (await idempotency.find(conn, [_key(job)], now)).get(_key(job))
+            found = (await idempotency.find(conn, [key], now)).get(key)
         if found is None:
             return None
         return _Answer(found.reply, found.status, found.effects, recorded=True)
