@@ -72,7 +72,7 @@ from worker.outcomes import (
     settle_as,
 )
 from worker.parsing import MAX_DETAILS, Envelope
-from worker.store import Connection, idempotency, users
+from worker.store import Connection, Savepoints, idempotency, users
 
 log = structlog.get_logger("worker.consumer")
 
@@ -380,13 +380,15 @@ class CommandConsumer(Consumer):
         results: list[Result | BaseException] = []
         async with self.store.transaction() as conn:
             known = await self._read_ahead(conn, jobs)
+            savepoints = Savepoints(conn)
             for job in jobs:
                 now = datetime.now(UTC)
                 with job.bound():
+                    await savepoints.begin()
                     try:
-                        async with conn.begin_nested():
-                            result = await self._run(conn, job, now, job.meta.redelivered, known)
+                        result = await self._run(conn, job, now, job.meta.redelivered, known)
                     except CommandError as exc:
+                        await savepoints.rollback()
                         result = self._refused(job, exc, now, known)
                 results.append(result)
             await self._record(conn, known)

@@ -10,6 +10,7 @@ from sqlalchemy import and_, bindparam, delete, insert, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from worker.store import hot
 from worker.store.tables import channels, email_settings
 
 _OWN = select(channels).where(
@@ -30,12 +31,12 @@ _WITH_SETTINGS = (
 
 
 async def own(conn: AsyncConnection, owner_id: str, name: str) -> Row[Any] | None:
-    return (await conn.execute(_OWN, {"owner_id": owner_id, "name": name})).first()
+    return await hot.first(conn, _OWN, {"owner_id": owner_id, "name": name})
 
 
 async def with_settings(conn: AsyncConnection, owner_id: str, name: str) -> Row[Any] | None:
     """The channel, and as `settings_id` its domain's settings of the same owner (None if none)."""
-    return (await conn.execute(_WITH_SETTINGS, {"owner_id": owner_id, "name": name})).first()
+    return await hot.first(conn, _WITH_SETTINGS, {"owner_id": owner_id, "name": name})
 
 
 async def subject_prefix(conn: AsyncConnection, owner_id: str, name: str) -> str | None:

@@ -11,7 +11,7 @@ from sqlalchemy import and_, bindparam, or_, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from worker.store import tickets
+from worker.store import hot, tickets
 from worker.store.tables import channels, email_settings, emails, hits
 from worker.store.tables import tickets as tickets_table
 
@@ -95,7 +95,8 @@ async def add(
     now: datetime,
 ) -> None:
     """A pending email of a ticket (`seq` None) or of one of its hits."""
-    await conn.execute(
+    await hot.rowcount(
+        conn,
         _NEW_EMAIL,
         {
             "id": email_id,

@@ -13,6 +13,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
+from worker.store import hot
 from worker.store.tables import hits, tickets
 
 # A ticket keeps its latest HITS_KEPT hits. Pruning on every new hit deletes at most the one that
@@ -71,11 +72,11 @@ async def open_by_dedup_key(
 ) -> Row[Any] | None:
     """The open ticket of the channel with this dedup key (the unique index allows one)."""
     params = {"owner": owner_id, "channel": channel, "dedup_key": dedup_key}
-    return (await conn.execute(_OPEN_BY_DEDUP_KEY, params)).first()
+    return await hot.first(conn, _OPEN_BY_DEDUP_KEY, params)
 
 
 async def add(conn: AsyncConnection, values: dict[str, Any]) -> None:
-    await conn.execute(_NEW_TICKET, values)
+    await hot.rowcount(conn, _NEW_TICKET, values)
 
 
 async def close(conn: AsyncConnection, sids: list[str], comment: str | None, now: datetime) -> None:
@@ -97,7 +98,7 @@ async def set_status(conn: AsyncConnection, sids: list[str], status: str, now: d
 
 async def delivery_pending(conn: AsyncConnection, sid: str) -> None:
     """The ticket's `delivery` reset for a new email."""
-    await conn.execute(_DELIVERY_PENDING, {"ticket_sid": sid})
+    await hot.rowcount(conn, _DELIVERY_PENDING, {"ticket_sid": sid})
 
 
 async def set_delivery(
@@ -120,13 +121,15 @@ async def add_hit(
 ) -> int:
     """Appends a hit to the ticket, counted on it; returns its seq. The oldest hit past
     HITS_KEPT goes."""
-    seq = await conn.scalar(_COUNT_HIT, {"ticket_sid": sid, "now": now})
+    seq = await hot.scalar(conn, _COUNT_HIT, {"ticket_sid": sid, "now": now})
     assert seq is not None
-    await conn.execute(
-        _NEW_HIT, {"sid": sid, "seq": seq, "summary": summary, "body": body, "created_at": now}
+    await hot.rowcount(
+        conn,
+        _NEW_HIT,
+        {"sid": sid, "seq": seq, "summary": summary, "body": body, "created_at": now},
     )
     if seq > HITS_KEPT:
-        await conn.execute(_PRUNE_HITS, {"sid": sid, "oldest_gone": seq - HITS_KEPT})
+        await hot.rowcount(conn, _PRUNE_HITS, {"sid": sid, "oldest_gone": seq - HITS_KEPT})
     return int(seq)
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import bindparam, case, delete, insert, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from worker.store import hot
 from worker.store.tables import smtp_users
 
 # The hot statements are built once, with bound parameters: SQLAlchemy then neither constructs
@@ -47,7 +48,8 @@ _LOCK = _LOGINS.order_by(smtp_users.c.name).with_for_update()
 
 async def login(conn: AsyncConnection, name: str) -> Login | None:
     """The user's name, owner_id, password_hash and status, to authenticate a command."""
-    return (await conn.execute(_LOGIN, {"name": name})).first()
+    row = await hot.first(conn, _LOGIN, {"name": name})
+    return None if row is None else cast(Login, row)
 
 
 async def logins(conn: AsyncConnection, names: Collection[str]) -> dict[str, Login]:
@@ -76,8 +78,8 @@ async def lock(conn: AsyncConnection, names: Collection[str]) -> dict[str, Login
 async def count_emails(conn: AsyncConnection, name: str, count: int, hour: int) -> bool:
     """Counts `count` emails against the user's limits; False, counting nothing, when that would
     pass one of them."""
-    result = await conn.execute(_COUNT_EMAILS, {"user": name, "count": count, "hour": hour})
-    return result.rowcount == 1
+    params = {"user": name, "count": count, "hour": hour}
+    return await hot.rowcount(conn, _COUNT_EMAILS, params) == 1
 
 
 async def get(conn: AsyncConnection, name: str) -> Row[Any]:

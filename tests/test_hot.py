@@ -1,0 +1,214 @@
+"""The hot statements (worker.store.hot) read and write what SQLAlchemy would, on both stores.
+
+On PostgreSQL they run straight on asyncpg, as SQLAlchemy compiled them; these tests compare every
+row they read with SQLAlchemy's own reading of the same statement, check that their errors reach
+the layers above as any other store error does, and that a batch's savepoints undo exactly the
+refused command's writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+
+from worker.errors import ConcurrentWrite
+from worker.security import Keyring
+from worker.store import (
+    Connection,
+    Savepoints,
+    Store,
+    channels,
+    hot,
+    migrate,
+    owners,
+    tickets,
+    users,
+)
+from worker.store import emails as emails_store
+from worker.store import settings as email_settings
+from worker.store.tables import tickets as tickets_table
+
+NOW = datetime(2026, 1, 1, 12, 0, 30, 123456, tzinfo=UTC)
+KEYRING = Keyring("hot-statement-tests-secret-key-0123")
+HOUR = int(NOW.timestamp()) // 3600
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[Store]:
+    store = Store(database_url)
+    await migrate(store)
+    yield store
+    await store.close()
+
+
+def _ticket(owner_id: str, sid: str, dedup_key: str | None = None) -> dict[str, Any]:
+    return {
+        "sid": sid,
+        "owner_id": owner_id,
+        "channel": "ops",
+        "title": "disk full ✓",
+        "body": "",
+        "severity": "high",
+        "dedup_key": dedup_key,
+        "status": "unacknowledged",
+        "created_at": NOW,
+        "updated_at": NOW,
+        "created_by": "smtp_hot",
+        "delivery_status": "pending",
+        "thread_domain": "hot.example",
+    }
+
+
+async def _world(conn: Connection, name: str) -> str:
+    """An owner with email settings, a channel, an SMTP user and a ticket; returns the owner."""
+    owner_id, _ = await owners.create(conn, KEYRING, name, NOW)
+    await email_settings.add(
+        conn,
+        {
+            "id": f"settings-{owner_id}",
+            "owner_id": owner_id,
+            "domain": f"{owner_id}.example",
+            "provider": "smtp",
+            "sender": f"alerts@{owner_id}.example",
+            "options": {"host": "relay.example", "port": 587, "tls": False},
+            "created_at": NOW,
+            "updated_at": NOW,
+        },
+    )
+    values = {"domain": f"{owner_id}.example", "recipients": ["a@x.example", "b@y.example"]}
+    await channels.put(
+        conn, owner_id, "ops", values | {"subject_prefix": "[ops]", "updated_at": NOW}, NOW
+    )
+    await users.add(
+        conn,
+        {
+            "name": f"smtp_{owner_id}",
+            "owner_id": owner_id,
+            "password_hash": KEYRING.hash("pw"),
+            "status": "Enable",
+            "total_limit": 10,
+            "hourly_limit": 5,
+            "created_at": NOW,
+        },
+    )
+    await tickets.add(conn, _ticket(owner_id, f"t-{owner_id}", dedup_key="disk"))
+    return owner_id
+
+
+async def test_the_hot_reads_are_what_sqlalchemy_reads(store: Store) -> None:
+    async with store.transaction() as conn:
+        owner_id = await _world(conn, "acme")
+        reads = [
+            (channels._WITH_SETTINGS, {"owner_id": owner_id, "name": "ops"}),
+            (channels._OWN, {"owner_id": owner_id, "name": "ops"}),
+            (channels._OWN, {"owner_id": owner_id, "name": "nope"}),
+            (users._LOGIN, {"name": f"smtp_{owner_id}"}),
+            (
+                tickets._OPEN_BY_DEDUP_KEY,
+                {"owner": owner_id, "channel": "ops", "dedup_key": "disk"},
+            ),
+        ]
+        for statement, params in reads:
+            ours = await hot.rows(conn, statement, params)
+            theirs = (await conn.execute(statement, params)).all()
+            assert [tuple(row) for row in ours] == [tuple(row) for row in theirs]
+            assert [row._mapping for row in ours] == [dict(row._mapping) for row in theirs]
+            assert [row._asdict() for row in ours] == [row._asdict() for row in theirs]
+        channel = await channels.with_settings(conn, owner_id, "ops")
+    assert channel is not None
+    # Decoded as SQLAlchemy decodes them: JSON to lists, timestamps aware in UTC.
+    assert channel.recipients == ["a@x.example", "b@y.example"]
+    assert channel.created_at == NOW and channel.created_at.tzinfo is not None
+    assert channel.settings_id == f"settings-{owner_id}"
+
+
+async def test_on_postgresql_the_hot_statements_run_on_the_driver(store: Store) -> None:
+    """Else a change inside SQLAlchemy would have turned them slow again without a word."""
+    async with store.transaction() as conn:
+        on_driver = {
+            name: hot.on_driver(conn, statement, keys)
+            for name, (statement, keys) in {
+                "with_settings": (channels._WITH_SETTINGS, ("owner_id", "name")),
+                "login": (users._LOGIN, ("name",)),
+                "count_emails": (users._COUNT_EMAILS, ("user", "count", "hour")),
+                "new_ticket": (tickets._NEW_TICKET, tuple(_ticket("o", "s"))),
+                "new_email": (emails_store._NEW_EMAIL, ("id", "owner_id", "sid")),
+                "count_hit": (tickets._COUNT_HIT, ("ticket_sid", "now")),
+                # An expanding IN list is SQLAlchemy's to finish.
+                "logins": (users._LOGINS, ("names",)),
+            }.items()
+        }
+    expected = store.dialect == "postgresql"
+    assert on_driver == {name: expected and name != "logins" for name in on_driver}
+
+
+async def test_the_hot_writes_count_and_write_what_they_say(store: Store) -> None:
+    async with store.transaction() as conn:
+        owner_id = await _world(conn, "acme")
+        login = f"smtp_{owner_id}"
+        assert await users.count_emails(conn, login, 3, HOUR)
+        assert not await users.count_emails(conn, login, 3, HOUR)
+        assert [1, 2] == [
+            await tickets.add_hit(conn, f"t-{owner_id}", "again", None, NOW) for _ in "ab"
+        ]
+        await emails_store.add(
+            conn,
+            email_id="e-hot",
+            owner_id=owner_id,
+            sid=f"t-{owner_id}",
+            seq=2,
+            domain=f"{owner_id}.example",
+            recipients=["a@x.example"],
+            now=NOW,
+        )
+    async with store.transaction() as conn:
+        user = await users.get(conn, login)
+        ticket = await tickets.get(conn, f"t-{owner_id}")
+        email = (await emails_store.get_many(conn, ["e-hot"]))["e-hot"]
+    assert (3, 3, HOUR) == (user.total_sent, user.hourly_sent, user.sent_hour)
+    assert (2, NOW, "pending") == (ticket.hit_count, ticket.last_hit_at, ticket.delivery_status)
+    assert (["a@x.example"], 2, NOW) == (email.recipients, email.seq, email.created_at)
+
+
+async def test_a_conflicting_hot_write_is_a_concurrent_write_and_leaves_nothing(
+    store: Store,
+) -> None:
+    async with store.transaction() as conn:
+        owner_id = await _world(conn, "acme")
+    with pytest.raises(ConcurrentWrite):
+        async with store.transaction() as conn:
+            await tickets.add(conn, _ticket(owner_id, "t-new"))
+            await tickets.add(conn, _ticket(owner_id, f"t-{owner_id}"))
+    async with store.transaction() as conn:
+        query = select(tickets_table.c.sid).where(tickets_table.c.owner_id == owner_id)
+        sids = (await conn.execute(query)).scalars().all()
+    assert sids == [f"t-{owner_id}"]
+
+
+async def test_savepoints_undo_exactly_the_refused_command(store: Store) -> None:
+    async with store.transaction() as conn:
+        owner_id = await _world(conn, "acme")
+    refusals = {"a": False, "b": True, "c": False, "d": True, "e": True}
+    async with store.transaction() as conn:
+        savepoints = Savepoints(conn)
+        for name, refused in refusals.items():
+            await savepoints.begin()
+            await tickets.add(conn, _ticket(owner_id, f"{owner_id}-{name}"))
+            if refused:
+                await savepoints.rollback()
+        # A failed statement inside a savepoint (PostgreSQL then refuses every statement of the
+        # transaction) is undone with it, and the batch goes on.
+        await savepoints.begin()
+        with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
+            await tickets.add(conn, _ticket(owner_id, f"{owner_id}-a"))
+        await savepoints.rollback()
+        await savepoints.begin()
+        await tickets.add(conn, _ticket(owner_id, f"{owner_id}-f"))
+    async with store.transaction() as conn:
+        query = text("SELECT sid FROM tickets WHERE owner_id = :owner ORDER BY sid")
+        sids = [row.sid for row in await conn.execute(query, {"owner": owner_id})]
+    assert sorted(sids) == sorted([f"{owner_id}-{name}" for name in "acf"] + [f"t-{owner_id}"])
