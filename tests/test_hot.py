@@ -8,14 +8,16 @@ refused command's writes.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from worker.errors import ConcurrentWrite
+from worker.errors import ConcurrentWrite, StoreUnavailable
 from worker.security import Keyring
 from worker.store import (
     Connection,
@@ -212,3 +214,48 @@ async def test_savepoints_undo_exactly_the_refused_command(store: Store) -> None
         query = text("SELECT sid FROM tickets WHERE owner_id = :owner ORDER BY sid")
         sids = [row.sid for row in await conn.execute(query, {"owner": owner_id})]
     assert sorted(sids) == sorted([f"{owner_id}-{name}" for name in "acf"] + [f"t-{owner_id}"])
+
+
+async def test_a_connection_lost_under_a_hot_statement_is_not_used_again(postgres_url: str) -> None:
+    store = Store(postgres_url)
+    await migrate(store)
+    async with store.transaction() as conn:
+        owner_id = await _world(conn, "acme")
+    admin = create_async_engine(postgres_url)
+    try:
+        async with admin.connect() as locker, locker.begin():
+            # The hot statement waits for this row lock; its backend is ended meanwhile.
+            query = text("SELECT 1 FROM smtp_users WHERE name = :name FOR UPDATE")
+            await locker.execute(query, {"name": f"smtp_{owner_id}"})
+            with pytest.raises(StoreUnavailable):
+                async with store.transaction() as conn:
+                    lost = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+                    terminate = text("SELECT pg_terminate_backend(:pid)")
+                    ending = asyncio.ensure_future(_soon(locker, terminate, {"pid": lost}))
+                    await users.count_emails(conn, f"smtp_{owner_id}", 1, HOUR)
+            await ending
+        # The next transaction runs at once, on another connection.
+        async with store.transaction() as conn:
+            pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+            assert await users.count_emails(conn, f"smtp_{owner_id}", 1, HOUR)
+        assert pid != lost
+    finally:
+        await admin.dispose()
+        await store.close()
+
+
+async def _soon(conn: Any, statement: Any, params: dict[str, Any]) -> None:
+    await asyncio.sleep(0.3)
+    await conn.execute(statement, params)
+
+
+async def test_a_hot_write_outside_a_store_transaction_is_committed_by_sqlalchemy(
+    store: Store,
+) -> None:
+    async with store.transaction() as conn:
+        owner_id = await _world(conn, "acme")
+    async with store.engine.connect() as conn:
+        assert await users.count_emails(conn, f"smtp_{owner_id}", 2, HOUR)
+        await conn.commit()
+    async with store.transaction() as conn:
+        assert (await users.get(conn, f"smtp_{owner_id}")).total_sent == 2

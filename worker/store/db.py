@@ -102,9 +102,9 @@ class Store:
                 pool_recycle=1800,
                 # A store that goes silent without closing the connection must not hang a
                 # command forever: past this, the statement fails and the command is retried.
-                # SQLAlchemy prepares each statement once per connection and keeps 100; a batch
-                # names a SAVEPOINT (and its RELEASE) per command, up to 64 of each, which would
-                # push the hot statements out and have them prepared again and again.
+                # Each statement is prepared once per connection: SQLAlchemy's 100 would be
+                # too few for the store's statements, IN lists of every length up to a batch's
+                # included, and they would be prepared again and again.
                 connect_args={"command_timeout": 30, "prepared_statement_cache_size": 500},
             )
 

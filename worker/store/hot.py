@@ -35,7 +35,8 @@ _ROWCOUNT = re.compile(r"(?:SELECT|UPDATE|DELETE|INSERT \d+) (\d+)")
 def _driver(conn: AsyncConnection) -> Any:
     """SQLAlchemy's adapter of the asyncpg connection under `conn`, or None: on SQLite, or when
     SQLAlchemy's internals are not the ones this module knows."""
-    if conn.dialect.name != "postgresql":
+    if conn.dialect.name != "postgresql" or not conn.in_transaction():
+        # Outside SQLAlchemy's transaction, asyncpg's would be one SQLAlchemy never commits.
         return None
     fairy = getattr(conn.sync_connection, "_dbapi_connection", None)
     adapter = getattr(fairy, "dbapi_connection", None)
@@ -92,7 +93,9 @@ class _Plan:
         return cls(compiled.string, compiled, tuple(binds), results, row)
 
 
-# Per statement and the parameter names it is given (an INSERT compiles to the columns given).
+# Per statement and the parameter names it is given (an INSERT compiles to the columns given);
+# the statements are the store's, built once at import, and every PostgreSQL engine of the process
+# is created alike (Store), so their plans are shared.
 _plans: dict[tuple[int, tuple[str, ...]], tuple[Statement, _Plan | None]] = {}
 
 
@@ -160,9 +163,17 @@ async def _as_sqlalchemy(conn: AsyncConnection, sql: str, error: Exception) -> E
     dbapi_error = dialect.loaded_dbapi.Error
     if not isinstance(error, dbapi_error):
         return error
-    lost = dialect.is_disconnect(error, None, None)
+    adapter = _driver(conn)
+    lost = dialect.is_disconnect(error, adapter, None)
     if lost:
-        await conn.invalidate()
+        # As SQLAlchemy does: this connection is dropped, and the pool's older ones are tested.
+        def invalidate(sync: Any) -> None:
+            wrapper = sync._dbapi_connection
+            if wrapper is not None and not sync.invalidated:
+                sync.engine.pool._invalidate(wrapper, error)
+                sync.invalidate(error)
+
+        await conn.run_sync(invalidate)
     return sa_exc.DBAPIError.instance(
         sql,
         None,
