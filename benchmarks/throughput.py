@@ -334,7 +334,7 @@ class Bench:
         self.record(f"{key} {CPU_MS}", store, workers, used * 1000 / o.requests)
 
         profile = None
-        if o.profile and store == "postgres" and workers == 1 and not self.profiled:
+        if o.profile and workers == 1 and not self.profiled:
             profile, self.profiled = o.profile, True
         sent, _ = await read_sink(control_port)
         cpu = sum(p.cpu_seconds() for p in procs)

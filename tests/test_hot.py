@@ -1,6 +1,6 @@
 """The hot statements (worker.store.hot) read and write what SQLAlchemy would, on both stores.
 
-On PostgreSQL they run straight on asyncpg, as SQLAlchemy compiled them; these tests compare every
+They run straight on asyncpg or aiosqlite, as SQLAlchemy compiled them; these tests compare every
 row they read with SQLAlchemy's own reading of the same statement, check that their errors reach
 the layers above as any other store error does, and that a batch's savepoints undo exactly the
 refused command's writes.
@@ -25,6 +25,7 @@ from worker.store import (
     Store,
     channels,
     hot,
+    idempotency,
     migrate,
     owners,
     tickets,
@@ -98,6 +99,19 @@ async def _world(conn: Connection, name: str) -> str:
         },
     )
     await tickets.add(conn, _ticket(owner_id, f"t-{owner_id}", dedup_key="disk"))
+    await emails_store.add(
+        conn,
+        email_id=f"e-{owner_id}",
+        owner_id=owner_id,
+        sid=f"t-{owner_id}",
+        seq=None,
+        domain=f"{owner_id}.example",
+        recipients=["a@x.example"],
+        now=NOW,
+    )
+    reply = idempotency.Processed("ticket.new", b'{"status": "success"}', False, [], "success")
+    key = idempotency.Key(owner_id, "", "m1")
+    await idempotency.record(conn, [(key, reply)], NOW, 3600)
     return owner_id
 
 
@@ -113,6 +127,12 @@ async def test_the_hot_reads_are_what_sqlalchemy_reads(store: Store) -> None:
                 tickets._OPEN_BY_DEDUP_KEY,
                 {"owner": owner_id, "channel": "ops", "dedup_key": "disk"},
             ),
+            # IN lists, expanded for each execution: of one, of several, empty.
+            (users._LOGINS, {"names": [f"smtp_{owner_id}"]}),
+            (users._LOGINS, {"names": [f"smtp_{owner_id}", "smtp_nobody", "x"]}),
+            (users._LOGINS, {"names": []}),
+            (emails_store._TO_SEND, {"ids": [f"e-{owner_id}", "e-none"]}),
+            (idempotency._FIND, {"keys": [(owner_id, "", "m1"), (owner_id, "p", "m2")]}),
         ]
         for statement, params in reads:
             ours = await hot.rows(conn, statement, params)
@@ -128,7 +148,7 @@ async def test_the_hot_reads_are_what_sqlalchemy_reads(store: Store) -> None:
     assert channel.settings_id == f"settings-{owner_id}"
 
 
-async def test_on_postgresql_the_hot_statements_run_on_the_driver(store: Store) -> None:
+async def test_the_hot_statements_run_on_the_driver(store: Store) -> None:
     """Else a change inside SQLAlchemy would have turned them slow again without a word."""
     async with store.transaction() as conn:
         on_driver = {
@@ -140,12 +160,12 @@ async def test_on_postgresql_the_hot_statements_run_on_the_driver(store: Store) 
                 "new_ticket": (tickets._NEW_TICKET, tuple(_ticket("o", "s"))),
                 "new_email": (emails_store._NEW_EMAIL, ("id", "owner_id", "sid")),
                 "count_hit": (tickets._COUNT_HIT, ("ticket_sid", "now")),
-                # An expanding IN list is SQLAlchemy's to finish.
                 "logins": (users._LOGINS, ("names",)),
+                "to_send": (emails_store._TO_SEND, ("ids",)),
+                "find_records": (idempotency._FIND, ("keys",)),
             }.items()
         }
-    expected = store.dialect == "postgresql"
-    assert on_driver == {name: expected and name != "logins" for name in on_driver}
+    assert on_driver == dict.fromkeys(on_driver, True)
 
 
 async def test_the_hot_writes_count_and_write_what_they_say(store: Store) -> None:

@@ -189,12 +189,6 @@ class DeliveryConsumer(Consumer):
         now = datetime.now(UTC)
         email_id = delivery.email_id
         job = await STORE_RETRY.run(self._claim, email_id, now)
-        if isinstance(job, Row):
-            # Sent or failed already. A redelivery may follow a crash that lost its outcome
-            # event: published again, after the claim's transaction.
-            if redelivered:
-                await self._republish_outcome(job)
-            return EmailOutcome.DONE
         if isinstance(job, EmailOutcome):  # failed for good before it could be sent
             return job
         if isinstance(job, str):
@@ -204,6 +198,12 @@ class DeliveryConsumer(Consumer):
                     delivery.dump(), delay=self.settings.retry_delays[0]
                 )
             return EmailOutcome(job)
+        if not isinstance(job, Job):
+            # The email's row: sent or failed already. A redelivery may follow a crash that
+            # lost its outcome event: published again, after the claim's transaction.
+            if redelivered:
+                await self._republish_outcome(job)
+            return EmailOutcome.DONE
         try:
             try:
                 await self.pool.send(job.relay, job.message, job.sender, job.email.recipients)

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from worker.errors import CommitUnknown, ConcurrentWrite, StoreUnavailable
+from worker.store import hot
 
 # What the layers above the store see of SQLAlchemy: a connection in a transaction, and rows.
 Connection = AsyncConnection
@@ -68,7 +69,7 @@ def _sqlite_setup(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        hot.begin_immediate(connection)
 
 
 class Store:

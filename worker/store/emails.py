@@ -120,7 +120,7 @@ async def add(
 
 async def get_many(conn: AsyncConnection, ids: Sequence[str]) -> dict[str, Row[Any]]:
     """The emails among `ids`, by id (the missing ones are not in it)."""
-    return {row.id: row for row in await conn.execute(_BY_IDS, {"ids": list(ids)})}
+    return {row.id: row for row in await hot.rows(conn, _BY_IDS, {"ids": sorted(ids)})}
 
 
 async def claim(
@@ -131,7 +131,7 @@ async def claim(
     if not ids:
         return set()
     params = {"ids": sorted(ids), "now": now, "lease_until": now + lease}
-    return set(await conn.scalars(_CLAIM, params))
+    return {row.id for row in await hot.rows(conn, _CLAIM, params)}
 
 
 async def to_send(conn: AsyncConnection, ids: Collection[str]) -> dict[str, Row[Any]]:
@@ -143,7 +143,7 @@ async def to_send(conn: AsyncConnection, ids: Collection[str]) -> dict[str, Row[
     `hit_body`, `hit_created_at`; None for a ticket's email or a pruned hit)."""
     if not ids:
         return {}
-    return {row.id: row for row in await conn.execute(_TO_SEND, {"ids": sorted(ids)})}
+    return {row.id: row for row in await hot.rows(conn, _TO_SEND, {"ids": sorted(ids)})}
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +162,8 @@ async def record(conn: AsyncConnection, states: Sequence[State], now: datetime) 
     the last of its emails given)."""
     if not states:
         return
-    await conn.execute(
+    await hot.execute_many(
+        conn,
         _RECORD,
         [
             {

@@ -1,12 +1,13 @@
 """The statements every command runs, and a batch's savepoints, at less than half of SQLAlchemy's
-cost per statement on PostgreSQL.
+cost per statement.
 
 SQLAlchemy compiles each statement once, as ever: its SQL, the order of its parameters, its types'
-processing. On PostgreSQL the statement then runs straight on the asyncpg connection under the
-transaction: SQLAlchemy's execution (its context, cursor and result, through a greenlet) costs
-about 90 µs of CPU a statement, and asyncpg's own work about 50. On SQLite, and for a statement
-SQLAlchemy must finish at execution (expanding IN lists, Python-side defaults), it runs through
-SQLAlchemy. Errors are SQLAlchemy's either way, so `translate_error` treats both paths alike.
+processing. The statement then runs straight on the driver's connection under the transaction.
+On PostgreSQL, SQLAlchemy's execution (its context, cursor and result, through a greenlet) costs
+about 90 µs of CPU a statement and asyncpg's own work about 50; on SQLite, SQLAlchemy's cursor
+takes three or four trips to aiosqlite's thread, and a statement here takes one. A statement
+with Python-side defaults runs through SQLAlchemy; an IN list is expanded as SQLAlchemy expands
+it. Errors are SQLAlchemy's either way, so `translate_error` treats both paths alike.
 """
 
 from __future__ import annotations
@@ -23,8 +24,18 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import Executable
+from sqlalchemy.util import await_
 
-__all__ = ["Savepoints", "Statement", "first", "on_driver", "rowcount", "rows", "scalar"]
+__all__ = [
+    "Savepoints",
+    "Statement",
+    "execute_many",
+    "first",
+    "on_driver",
+    "rowcount",
+    "rows",
+    "scalar",
+]
 
 # A statement built once, with bound parameters.
 Statement = Executable
@@ -33,16 +44,95 @@ _ROWCOUNT = re.compile(r"(?:SELECT|UPDATE|DELETE|INSERT \d+) (\d+)")
 
 
 def _driver(conn: AsyncConnection) -> Any:
-    """SQLAlchemy's adapter of the asyncpg connection under `conn`, or None: on SQLite, or when
-    SQLAlchemy's internals are not the ones this module knows."""
-    if conn.dialect.name != "postgresql" or not conn.in_transaction():
+    """SQLAlchemy's adapter of the asyncpg or aiosqlite connection under `conn`, or None: outside
+    a transaction, or when SQLAlchemy's internals are not the ones this module knows."""
+    if not conn.in_transaction():
         # Outside SQLAlchemy's transaction, asyncpg's would be one SQLAlchemy never commits.
         return None
     fairy = getattr(conn.sync_connection, "_dbapi_connection", None)
     adapter = getattr(fairy, "dbapi_connection", None)
-    if all(hasattr(adapter, a) for a in ("_connection", "_transaction", "_start_transaction")):
-        return adapter
+    needs = _NEEDS.get(conn.dialect.name, ("-",))
+    if adapter is not None and all(hasattr(adapter, a) for a in (*needs, "_execute_mutex")):
+        driver = adapter._connection
+        if conn.dialect.name != "sqlite" or hasattr(driver, "_execute"):
+            return adapter
     return None
+
+
+# What each adapter must have (asyncpg's begins its transaction with the first statement; on
+# SQLite, SQLAlchemy's `begin` event has begun it, see db.py).
+_NEEDS = {
+    "postgresql": ("_connection", "_transaction", "_start_transaction"),
+    "sqlite": ("_connection",),
+}
+
+
+async def _on_asyncpg(adapter: Any, sql: str, args: list[Any], rows: bool) -> tuple[Any, int]:
+    """(the records, or None when `rows` is False; the row count), with asyncpg's cache of
+    prepared statements."""
+    if adapter._transaction is None:
+        await adapter._start_transaction()
+    if rows:
+        records = await adapter._connection.fetch(sql, *args)
+        return records, len(records)
+    match = _ROWCOUNT.match(await adapter._connection.execute(sql, *args) or "")
+    return None, int(match.group(1)) if match else -1
+
+
+async def _on_sqlite(adapter: Any, sql: str, args: list[Any], rows: bool) -> tuple[Any, int]:
+    """The same on aiosqlite, in one trip to its thread (SQLAlchemy's cursor takes three or
+    four: open, execute, fetch, close)."""
+    connection = adapter._connection
+
+    def run() -> tuple[Any, int]:
+        cursor = connection._conn.execute(sql, args)
+        try:
+            if rows:
+                records = cursor.fetchall()
+                return records, len(records)
+            return None, cursor.rowcount
+        finally:
+            cursor.close()
+
+    result: tuple[Any, int] = await connection._execute(run)
+    return result
+
+
+async def _on_sqlite_script(adapter: Any, statements: Sequence[str]) -> None:
+    connection = adapter._connection
+
+    def run() -> None:
+        for statement in statements:
+            connection._conn.execute(statement).close()
+
+    await connection._execute(run)
+
+
+def begin_immediate(connection: Any) -> None:
+    """`BEGIN IMMEDIATE` on SQLite, in one trip to aiosqlite's thread (SQLAlchemy's cursor takes
+    three); from SQLAlchemy's `begin` event, inside its greenlet."""
+    adapter = getattr(connection.connection, "dbapi_connection", None)
+    driver: Any = getattr(adapter, "_connection", None)
+    if not hasattr(driver, "_execute") or not hasattr(driver, "_conn"):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        return
+
+    def run() -> None:
+        driver._conn.execute("BEGIN IMMEDIATE").close()
+
+    try:
+        await_(driver._execute(run))
+    except connection.dialect.loaded_dbapi.Error as error:
+        lost = connection.dialect.is_disconnect(error, adapter, None)
+        raise sa_exc.DBAPIError.instance(
+            "BEGIN IMMEDIATE",
+            None,
+            error,
+            connection.dialect.loaded_dbapi.Error,
+            hide_parameters=True,
+            connection_invalidated=lost,
+            dialect=connection.dialect,
+        ) from error
 
 
 def _row_class(fields: tuple[str, ...]) -> type[Any]:
@@ -60,47 +150,60 @@ class _Plan:
     # None: the statement returns no rows.
     results: tuple[Callable[[Any], Any] | None, ...] | None
     row: Callable[[Any], Any] | None
+    # An IN list's parameters are expanded for each execution, as SQLAlchemy does.
+    expanding: bool = False
 
     @classmethod
     def of(cls, conn: AsyncConnection, statement: Statement, keys: tuple[str, ...]) -> _Plan | None:
-        """The plan, or None when SQLAlchemy must finish the statement at execution (expanding IN
-        lists, Python-side defaults) or its rows are not namedtuple-shaped."""
+        """The plan, or None when SQLAlchemy must finish the statement at execution (Python-side
+        defaults, literal parameters) or its rows are not namedtuple-shaped."""
         dialect = conn.dialect
         assert isinstance(statement, ClauseElement)
         compiled = statement.compile(dialect=dialect, column_keys=list(keys))
         if not isinstance(compiled, SQLCompiler) or (
-            compiled.literal_execute_params
-            or compiled.post_compile_params
-            or compiled.insert_prefetch
-            or compiled.update_prefetch
+            compiled.literal_execute_params or compiled.insert_prefetch or compiled.update_prefetch
         ):
             return None
+        expanding = bool(compiled.post_compile_params)
         processors = compiled._bind_processors
         binds: list[tuple[str, Callable[[Any], Any] | None]] = []
-        for name in compiled.positiontup or ():
+        for name in () if expanding else compiled.positiontup or ():
             processor = processors.get(name)
             if processor is not None and not callable(processor):
                 return None  # a tuple's processors, per element
             binds.append((name, processor))
         columns = compiled._result_columns
         if not columns:
-            return cls(compiled.string, compiled, tuple(binds), None, None)
+            return cls(compiled.string, compiled, tuple(binds), None, None, expanding)
         try:
             row = _row_class(tuple(column[0] for column in columns))._make
         except ValueError:
             return None
         results = tuple(column[3]._cached_result_processor(dialect, None) for column in columns)
-        return cls(compiled.string, compiled, tuple(binds), results, row)
+        return cls(compiled.string, compiled, tuple(binds), results, row, expanding)
+
+    def bind(self, params: Mapping[str, Any]) -> tuple[str, list[Any]]:
+        """The SQL and its positional arguments for `params`."""
+        if self.expanding:
+            state = self.compiled.construct_expanded_state(params)
+            values, processors = state.parameters, state.processors
+            args = []
+            for name in state.positiontup or ():
+                processor = processors.get(name)
+                args.append(values[name] if processor is None else processor(values[name]))
+            return state.statement, args
+        values = self.compiled.construct_params(params)
+        return self.sql, [values[n] if p is None else p(values[n]) for n, p in self.binds]
 
 
 # Per statement and the parameter names it is given (an INSERT compiles to the columns given);
 # the statements are the store's, built once at import, and every PostgreSQL engine of the process
 # is created alike (Store), so their plans are shared.
-_plans: dict[tuple[int, tuple[str, ...]], tuple[Statement, _Plan | None]] = {}
+_plans: dict[tuple[str, int, tuple[str, ...]], tuple[Statement, _Plan | None]] = {}
 
 
 def _plan(conn: AsyncConnection, statement: Statement, keys: tuple[str, ...]) -> _Plan | None:
-    key = (id(statement), keys)
+    key = (conn.dialect.name, id(statement), keys)
     known = _plans.get(key)
     if known is None or known[0] is not statement:
         known = (statement, _Plan.of(conn, statement, keys))
@@ -121,34 +224,26 @@ async def _run(
     plan = None if adapter is None else _plan(conn, statement, tuple(params))
     if plan is None:
         raise _Fallback
-    values = plan.compiled.construct_params(params)
-    args = [values[name] if p is None else p(values[name]) for name, p in plan.binds]
-    records: list[Any] | None = None
+    sql, args = plan.bind(params)
+    run = _on_sqlite if conn.dialect.name == "sqlite" else _on_asyncpg
     try:
         async with adapter._execute_mutex:
-            if adapter._transaction is None:
-                await adapter._start_transaction()
             try:
-                # Both use asyncpg's cache of prepared statements.
-                if plan.results is None:
-                    status = await adapter._connection.execute(plan.sql, *args)
-                else:
-                    records = await adapter._connection.fetch(plan.sql, *args)
+                records, count = await run(adapter, sql, args, plan.results is not None)
             except Exception as error:  # noqa: BLE001 - raised as SQLAlchemy would
                 adapter._handle_exception(error)
     except Exception as error:
-        raise await _as_sqlalchemy(conn, plan.sql, error) from error
+        raise await _as_sqlalchemy(conn, sql, error) from error
     if records is None:
-        match = _ROWCOUNT.match(status or "")
-        return [], int(match.group(1)) if match else -1
+        return [], count
     results, row = plan.results, plan.row
     assert results is not None and row is not None
     if any(results):
         return [
             row([value if p is None else p(value) for p, value in zip(results, r, strict=True)])
             for r in records
-        ], len(records)
-    return [row(r) for r in records], len(records)
+        ], count
+    return [row(r) for r in records], count
 
 
 class _Fallback(Exception):
@@ -218,6 +313,39 @@ async def rowcount(conn: AsyncConnection, statement: Statement, params: Mapping[
         return (await conn.execute(statement, dict(params))).rowcount
 
 
+async def execute_many(
+    conn: AsyncConnection, statement: Statement, params: Sequence[Mapping[str, Any]]
+) -> None:
+    """Runs `statement` once for each of `params` (all with the same names), in one trip."""
+    if not params:
+        return
+    adapter = _driver(conn)
+    plan = None if adapter is None else _plan(conn, statement, tuple(params[0]))
+    if plan is None or plan.expanding or plan.results is not None:
+        await conn.execute(statement, [dict(p) for p in params])
+        return
+    sql = plan.sql
+    many = [plan.bind(p)[1] for p in params]
+    try:
+        async with adapter._execute_mutex:
+            try:
+                if conn.dialect.name == "sqlite":
+                    connection = adapter._connection
+
+                    def run() -> None:
+                        connection._conn.executemany(sql, many).close()
+
+                    await connection._execute(run)
+                else:
+                    if adapter._transaction is None:
+                        await adapter._start_transaction()
+                    await adapter._connection.executemany(sql, many)
+            except Exception as error:  # noqa: BLE001 - raised as SQLAlchemy would
+                adapter._handle_exception(error)
+    except Exception as error:
+        raise await _as_sqlalchemy(conn, sql, error) from error
+
+
 class Savepoints:
     """The savepoints of a batch of commands in one transaction, under one name: each command
     runs after one and, refused, is rolled back to it. On PostgreSQL, the RELEASE of a command's
@@ -255,10 +383,13 @@ class Savepoints:
         sql = "; ".join(statements)
         try:
             async with adapter._execute_mutex:
-                if adapter._transaction is None:
-                    await adapter._start_transaction()
                 try:
-                    await adapter._connection.execute(sql)
+                    if self._conn.dialect.name == "sqlite":
+                        await _on_sqlite_script(adapter, statements)
+                    else:
+                        if adapter._transaction is None:
+                            await adapter._start_transaction()
+                        await adapter._connection.execute(sql)  # one simple query
                 except Exception as error:  # noqa: BLE001 - raised as SQLAlchemy would
                     adapter._handle_exception(error)
         except Exception as error:

@@ -16,6 +16,7 @@ from sqlalchemy import bindparam, delete, insert, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from worker.events import Effect
+from worker.store import hot
 from worker.store.tables import processed_commands as pc
 
 
@@ -75,11 +76,11 @@ async def find(conn: AsyncConnection, keys: Collection[Key], now: datetime) -> d
         return {}
     params = [(k.owner_id, k.principal, k.message_id) for k in keys]
     found: dict[Key, Processed] = {}
-    for row in await conn.execute(_FIND, {"keys": params}):
+    for row in await hot.rows(conn, _FIND, {"keys": sorted(params)}):
         key = Key(row.owner_id, row.principal, row.message_id)
         if row.expires_at <= now:
             # Forgotten: clear the way for this command's own record (the sweeper may be late).
-            await conn.execute(_FORGET, {**key.params(), "now": now})
+            await hot.rowcount(conn, _FORGET, {**key.params(), "now": now})
             continue
         effects = [Effect.load(e) for e in json.loads(row.effects)]
         found[key] = Processed(row.type, row.reply.encode(), bool(row.secret), effects, row.status)
@@ -97,7 +98,8 @@ async def record(
     if not records:
         return
     expires_at = now + timedelta(seconds=ttl)
-    await conn.execute(
+    await hot.execute_many(
+        conn,
         _RECORD,
         [
             {

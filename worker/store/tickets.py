@@ -110,7 +110,7 @@ async def set_delivery(
         {"ticket_sid": sid, "new_status": status, "new_attempts": attempts, "new_last_error": error}
         for sid, status, attempts, error in states
     ]
-    await conn.execute(_DELIVERY, params)
+    await hot.execute_many(conn, _DELIVERY, params)
 
 
 # --- hits ---------------------------------------------------------------------------------------

@@ -56,8 +56,8 @@ async def logins(conn: AsyncConnection, names: Collection[str]) -> dict[str, Log
     """The logins (as `login` gives them) of these users, those that exist, in one statement."""
     if not names:
         return {}
-    rows = await conn.execute(_LOGINS, {"names": list(names)})
-    return {row.name: row for row in rows}
+    rows = await hot.rows(conn, _LOGINS, {"names": sorted(names)})
+    return {row.name: cast(Login, row) for row in rows}
 
 
 async def lock(conn: AsyncConnection, names: Collection[str]) -> dict[str, Login] | None:
@@ -71,8 +71,8 @@ async def lock(conn: AsyncConnection, names: Collection[str]) -> dict[str, Login
     """
     if conn.dialect.name != "postgresql":
         return None
-    rows = await conn.execute(_LOCK, {"names": sorted(names)})
-    return {row.name: row for row in rows}
+    rows = await hot.rows(conn, _LOCK, {"names": sorted(names)})
+    return {row.name: cast(Login, row) for row in rows}
 
 
 async def count_emails(conn: AsyncConnection, name: str, count: int, hour: int) -> bool:
