@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -190,3 +191,76 @@ async def test_an_email_to_send_comes_with_its_ticket_settings_prefix_and_hit_in
     assert (None, None) == (orphan.settings_id, orphan.hit_seq)
     assert "e4" not in found
     assert [{"e1"}, set()] == claimed  # the second finds the lease taken
+
+
+async def test_on_sqlite_an_urgent_transaction_goes_before_those_waiting(store: Store) -> None:
+    """The delivery consumer's claims and records are urgent: a command batch that asked later
+    does not hold them up; otherwise transactions run one at a time, in the order they asked."""
+    order: list[str] = []
+    first_in = asyncio.Event()
+    release = asyncio.Event()
+
+    async def run(name: str, *, urgent: bool = False) -> None:
+        async with store.transaction(urgent=urgent) as conn:
+            order.append(name)
+            if name == "first":
+                first_in.set()
+                await release.wait()
+            await owners.create(conn, KEYRING, name, NOW)
+
+    first = asyncio.ensure_future(run("first"))
+    await first_in.wait()
+    waiting = [
+        asyncio.ensure_future(run("batch 1")),
+        asyncio.ensure_future(run("claim", urgent=True)),
+        asyncio.ensure_future(run("batch 2")),
+        asyncio.ensure_future(run("record", urgent=True)),
+    ]
+    await asyncio.sleep(0.05)
+    release.set()
+    await asyncio.gather(first, *waiting)
+    assert order == ["first", "claim", "record", "batch 1", "batch 2"]
+
+    # Urgent ones that keep coming let another in after every two of them.
+    order.clear()
+    first_in.clear()
+    release.clear()
+    first = asyncio.ensure_future(run("first"))
+    await first_in.wait()
+    waiting = [asyncio.ensure_future(run("batch"))]
+    waiting += [asyncio.ensure_future(run(f"urgent {n}", urgent=True)) for n in range(4)]
+    await asyncio.sleep(0.05)
+    release.set()
+    await asyncio.gather(first, *waiting)
+    assert order == ["first", "urgent 0", "urgent 1", "batch", "urgent 2", "urgent 3"]
+
+
+async def test_on_sqlite_a_transaction_cancelled_while_waiting_passes_its_turn_on(
+    store: Store,
+) -> None:
+    held = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        async with store.transaction():
+            held.set()
+            await release.wait()
+
+    async def write(name: str) -> str:
+        async with store.transaction() as conn:
+            await owners.create(conn, KEYRING, name, NOW)
+        return name
+
+    holder = asyncio.ensure_future(hold())
+    await held.wait()
+    cancelled = asyncio.ensure_future(write("cancelled"))
+    after = asyncio.ensure_future(write("after"))
+    await asyncio.sleep(0.05)
+    cancelled.cancel()
+    release.set()
+    assert "after" == await asyncio.wait_for(after, 5)
+    await holder
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    # The writer is free again.
+    assert "again" == await asyncio.wait_for(write("again"), 5)

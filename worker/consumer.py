@@ -83,6 +83,10 @@ CONCURRENT_WRITE_RETRIES = 5
 MAX_REPLY_BYTES = 16 * 1024 * 1024
 # Commands that arrived together run in one store transaction, a SAVEPOINT each, up to this many.
 BATCH_SIZE = 64
+# On a store with a single writer (SQLite), a batch holds it, and the email claims waiting for it
+# hold their relays' turns meanwhile: shorter batches keep the emails flowing while commands pour
+# in (with 64, a backlog of emails built up and was parked, and its relay sat idle).
+SINGLE_WRITER_BATCH_SIZE = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,8 +228,10 @@ class CommandConsumer(Consumer):
         super().__init__(parts)
         self.router = router
         self.unrouted = unrouted
+        writers = self.store.writers
+        size = BATCH_SIZE if writers > 1 else SINGLE_WRITER_BATCH_SIZE
         self._batches: Batches[_Job, Result] = Batches(
-            self._execute_all, size=BATCH_SIZE, runners=self.store.writers
+            self._execute_all, size=size, runners=writers
         )
 
     # --- the message's fate ---------------------------------------------------------------------

@@ -286,7 +286,7 @@ class DeliveryConsumer(Consumer):
         them all, one to take the leases of those to send now."""
         now = max(claim.now for claim in claims)
         found: list[_Claimed | Exception] = []
-        async with self.store.transaction() as conn:
+        async with self.store.transaction(urgent=True) as conn:
             rows = await emails.to_send(conn, {claim.email_id for claim in claims})
             wanted: set[str] = set()
             for claim in claims:
@@ -347,7 +347,7 @@ class DeliveryConsumer(Consumer):
         # By ticket, each one's in the order they came: two batches never wait on each other's
         # tickets in opposite orders, and a ticket mirrors its latest email.
         ordered = sorted(writes, key=lambda written: written.email.sid)
-        async with self.store.transaction() as conn:
+        async with self.store.transaction(urgent=True) as conn:
             await emails.record(conn, ordered, datetime.now(UTC))
         return [None] * len(writes)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -72,12 +73,76 @@ def _sqlite_setup(engine: AsyncEngine) -> None:
         hot.begin_immediate(connection)
 
 
+URGENT_IN_A_ROW = 2
+
+
+class _Writer:
+    """SQLite's single writer in this process: one transaction at a time, in the order they
+    asked, except that an urgent one goes before those that are not. The delivery consumer's
+    claims and records are urgent: an email holds one of its relay's few turns until its claim
+    commits, and a batch of commands takes far longer than a claim. The others wait for at most
+    URGENT_IN_A_ROW urgent ones."""
+
+    def __init__(self) -> None:
+        self._held = False
+        self._urgent_in_a_row = 0
+        self._waiting: tuple[deque[asyncio.Future[None]], deque[asyncio.Future[None]]] = (
+            deque(),
+            deque(),
+        )
+
+    @contextlib.asynccontextmanager
+    async def turn(self, *, urgent: bool) -> AsyncIterator[None]:
+        if self._held:
+            granted = asyncio.get_running_loop().create_future()
+            line = self._waiting[0 if urgent else 1]
+            line.append(granted)
+            try:
+                await granted
+            except asyncio.CancelledError:
+                if granted.done() and not granted.cancelled():
+                    self._next()  # granted as it was cancelled: passed on
+                else:
+                    with contextlib.suppress(ValueError):
+                        line.remove(granted)
+                raise
+        self._held = True
+        try:
+            yield
+        finally:
+            self._next()
+
+    def _next(self) -> None:
+        urgent, others = self._waiting
+        # Urgent first, but never more than URGENT_IN_A_ROW turns while another waits: the
+        # claims and the records follow each other, and would otherwise keep the others out.
+        if self._urgent_in_a_row >= URGENT_IN_A_ROW and self._grant(others):
+            self._urgent_in_a_row = 0
+        elif self._grant(urgent):
+            self._urgent_in_a_row += 1
+        elif self._grant(others):
+            self._urgent_in_a_row = 0
+        else:
+            self._held = False
+            self._urgent_in_a_row = 0
+
+    @staticmethod
+    def _grant(line: deque[asyncio.Future[None]]) -> bool:
+        """Passes the turn, still held, to the first in `line` still waiting, if any."""
+        while line:
+            granted = line.popleft()
+            if not granted.done():
+                granted.set_result(None)
+                return True
+        return False
+
+
 class Store:
     def __init__(self, url: str) -> None:
         parsed = make_url(url)
         self.url = url
         self.dialect = parsed.get_backend_name()
-        self._lock: asyncio.Lock | None = None
+        self._writer: _Writer | None = None
         if self.dialect == "sqlite":
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +155,7 @@ class Store:
                 max_overflow=0,
             )
             _sqlite_setup(self.engine)
-            self._lock = asyncio.Lock()
+            self._writer = _Writer()
         else:
             self.engine = create_async_engine(
                 url,
@@ -110,12 +175,14 @@ class Store:
             )
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+    async def transaction(self, *, urgent: bool = False) -> AsyncIterator[AsyncConnection]:
         """One transaction; database errors leave it as StoreUnavailable or ConcurrentWrite.
 
         CommitUnknown when the store becomes unavailable during COMMIT: it may have committed.
+        On SQLite an `urgent` one goes before those waiting that are not (see _Writer).
         """
-        lock = self._lock or contextlib.nullcontext()
+        writer = self._writer
+        lock = contextlib.nullcontext() if writer is None else writer.turn(urgent=urgent)
         committing = False
         try:
             async with lock, self.engine.begin() as conn:
@@ -133,7 +200,7 @@ class Store:
     def writers(self) -> int:
         """How many transactions are worth running at once: SQLite has one writer, so a second
         would only wait for the first one's lock."""
-        return 1 if self._lock is not None else 2
+        return 1 if self._writer is not None else 2
 
     async def close(self) -> None:
         await self.engine.dispose()
