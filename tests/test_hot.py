@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -279,3 +279,19 @@ async def test_a_hot_write_outside_a_store_transaction_is_committed_by_sqlalchem
         await conn.commit()
     async with store.transaction() as conn:
         assert (await users.get(conn, f"smtp_{owner_id}")).total_sent == 2
+
+
+async def test_an_in_list_statement_processes_its_other_parameters_too(store: Store) -> None:
+    """The claim's lease times are stored as SQLAlchemy stores every timestamp."""
+    async with store.transaction() as conn:
+        owner_id = await _world(conn, "acme")
+        email_id = f"e-{owner_id}"
+        taken = await emails_store.claim(conn, [email_id, "e-none"], NOW, timedelta(seconds=60))
+        query = text("SELECT lease_until, created_at FROM emails WHERE id = :id")
+        raw = (await conn.execute(query, {"id": email_id})).one()
+        email = (await emails_store.get_many(conn, [email_id]))[email_id]
+    assert taken == {email_id}
+    assert email.lease_until == NOW + timedelta(seconds=60)
+    # On SQLite, text in one format ("YYYY-MM-DD HH:MM:SS.ffffff"), so that they compare.
+    assert type(raw.lease_until) is type(raw.created_at)
+    assert len(str(raw.lease_until)) == len(str(raw.created_at))

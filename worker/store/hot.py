@@ -120,19 +120,21 @@ def begin_immediate(connection: Any) -> None:
     def run() -> None:
         driver._conn.execute("BEGIN IMMEDIATE").close()
 
+    dialect = connection.dialect
     try:
         await_(driver._execute(run))
-    except connection.dialect.loaded_dbapi.Error as error:
-        lost = connection.dialect.is_disconnect(error, adapter, None)
+    except dialect.loaded_dbapi.Error as error:
+        if dialect.is_disconnect(error, adapter, None):
+            # SQLAlchemy's own BEGIN, which invalidates the connection and raises as it does.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            raise
         raise sa_exc.DBAPIError.instance(
-            "BEGIN IMMEDIATE",
-            None,
-            error,
-            connection.dialect.loaded_dbapi.Error,
-            hide_parameters=True,
-            connection_invalidated=lost,
-            dialect=connection.dialect,
+            "BEGIN IMMEDIATE", None, error, dialect.loaded_dbapi.Error, hide_parameters=True
         ) from error
+    except ValueError:
+        # aiosqlite's word for a closed connection: SQLAlchemy's BEGIN turns it into theirs.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        raise
 
 
 def _row_class(fields: tuple[str, ...]) -> type[Any]:
@@ -186,7 +188,10 @@ class _Plan:
         """The SQL and its positional arguments for `params`."""
         if self.expanding:
             state = self.compiled.construct_expanded_state(params)
-            values, processors = state.parameters, state.processors
+            # The expanded lists' processors, and those of the other parameters, as SQLAlchemy
+            # merges them.
+            values = state.parameters
+            processors: dict[str, Any] = {**self.compiled._bind_processors, **state.processors}
             args = []
             for name in state.positiontup or ():
                 processor = processors.get(name)
