@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from worker.security import Keyring
-from worker.store import Connection, Store, channels, emails, migrate, owners, tickets, users
+from worker.store import Connection, Store, channels, db, emails, migrate, owners, tickets, users
 from worker.store import settings as email_settings
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -221,17 +221,32 @@ async def test_on_sqlite_an_urgent_transaction_goes_before_those_waiting(store: 
     await asyncio.gather(first, *waiting)
     assert order == ["first", "claim", "record", "batch 1", "batch 2"]
 
-    # Urgent ones that keep coming let another in after every two of them.
-    order.clear()
-    first_in.clear()
-    release.clear()
+
+async def test_on_sqlite_urgent_transactions_keep_another_out_for_a_while_only(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(db, "PATIENCE", 0.3)
+    order: list[str] = []
+    first_in = asyncio.Event()
+    release = asyncio.Event()
+
+    async def run(name: str, *, urgent: bool = False, hold: float = 0.0) -> None:
+        async with store.transaction(urgent=urgent) as conn:
+            order.append(name)
+            if name == "first":
+                first_in.set()
+                await release.wait()
+            await asyncio.sleep(hold)
+            await owners.create(conn, KEYRING, name, NOW)
+
     first = asyncio.ensure_future(run("first"))
     await first_in.wait()
     waiting = [asyncio.ensure_future(run("batch"))]
-    waiting += [asyncio.ensure_future(run(f"urgent {n}", urgent=True)) for n in range(4)]
-    await asyncio.sleep(0.05)
+    waiting += [asyncio.ensure_future(run(f"urgent {n}", urgent=True, hold=0.2)) for n in range(4)]
+    await asyncio.sleep(0)
     release.set()
     await asyncio.gather(first, *waiting)
+    # The batch has waited about 0.2 s after the first urgent one, 0.4 s after the second.
     assert order == ["first", "urgent 0", "urgent 1", "batch", "urgent 2", "urgent 3"]
 
 

@@ -73,30 +73,33 @@ def _sqlite_setup(engine: AsyncEngine) -> None:
         hot.begin_immediate(connection)
 
 
-URGENT_IN_A_ROW = 2
+# How long a transaction that is not urgent waits at most while urgent ones go first.
+PATIENCE = 0.25
+# Those waiting for the writer: when each asked, and its turn.
+_Line = deque[tuple[float, asyncio.Future[None]]]
 
 
 class _Writer:
     """SQLite's single writer in this process: one transaction at a time, in the order they
-    asked, except that an urgent one goes before those that are not. The delivery consumer's
-    claims and records are urgent: an email holds one of its relay's few turns until its claim
-    commits, and a batch of commands takes far longer than a claim. The others wait for at most
-    URGENT_IN_A_ROW urgent ones."""
+    asked, except that an urgent one goes before those that are not, until one of those has
+    waited PATIENCE. The delivery consumer's claims and records are urgent: an email holds one
+    of its relay's few turns until its claim commits, and a batch of commands takes far longer
+    than a claim (left behind, the emails built up a backlog, which was parked while its relay
+    sat idle)."""
 
     def __init__(self) -> None:
         self._held = False
-        self._urgent_in_a_row = 0
-        self._waiting: tuple[deque[asyncio.Future[None]], deque[asyncio.Future[None]]] = (
-            deque(),
-            deque(),
-        )
+        # (when it asked, its turn), for the urgent and for the others.
+        self._waiting: tuple[_Line, _Line] = (deque(), deque())
 
     @contextlib.asynccontextmanager
     async def turn(self, *, urgent: bool) -> AsyncIterator[None]:
         if self._held:
-            granted = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            granted = loop.create_future()
             line = self._waiting[0 if urgent else 1]
-            line.append(granted)
+            entry = (loop.time(), granted)
+            line.append(entry)
             try:
                 await granted
             except asyncio.CancelledError:
@@ -104,7 +107,7 @@ class _Writer:
                     self._next()  # granted as it was cancelled: passed on
                 else:
                     with contextlib.suppress(ValueError):
-                        line.remove(granted)
+                        line.remove(entry)
                 raise
         self._held = True
         try:
@@ -114,23 +117,18 @@ class _Writer:
 
     def _next(self) -> None:
         urgent, others = self._waiting
-        # Urgent first, but never more than URGENT_IN_A_ROW turns while another waits: the
-        # claims and the records follow each other, and would otherwise keep the others out.
-        if self._urgent_in_a_row >= URGENT_IN_A_ROW and self._grant(others):
-            self._urgent_in_a_row = 0
-        elif self._grant(urgent):
-            self._urgent_in_a_row += 1
-        elif self._grant(others):
-            self._urgent_in_a_row = 0
-        else:
+        while others and others[0][1].done():
+            others.popleft()
+        impatient = bool(others) and asyncio.get_running_loop().time() - others[0][0] >= PATIENCE
+        granted = (impatient and self._grant(others)) or self._grant(urgent) or self._grant(others)
+        if not granted:
             self._held = False
-            self._urgent_in_a_row = 0
 
     @staticmethod
-    def _grant(line: deque[asyncio.Future[None]]) -> bool:
+    def _grant(line: _Line) -> bool:
         """Passes the turn, still held, to the first in `line` still waiting, if any."""
         while line:
-            granted = line.popleft()
+            _, granted = line.popleft()
             if not granted.done():
                 granted.set_result(None)
                 return True
