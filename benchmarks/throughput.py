@@ -30,9 +30,9 @@ Prints the median of the rounds of each figure and its ratio to the echo's media
 run (rates to the echo's replies/s, latencies to its p50, CPU to its CPU per request), each
 round's value, and the load average of the machine (a shared machine's figures vary with what
 else runs). `--quick` (or BENCH_QUICK=1) is one round of 500 requests and 50 sequential ones.
-`--profile FILE` records the first PostgreSQL single worker with py-spy (on PATH or beside this
-Python) during its `ticket.new` load and emails, as collapsed stacks; `python -m
-benchmarks.profile FILE` sums them.
+`--profile FILE` records the first single worker (of the first store given) with py-spy (on
+PATH or beside this Python) during its `ticket.new` load and emails, as collapsed stacks;
+`python -m benchmarks.profile FILE` sums them.
 
 The prefix's queues and exchanges and the databases are deleted at the end; the broker is shared.
 """
