@@ -138,7 +138,7 @@ def begin_immediate(connection: Any) -> None:
 
 
 def _row_class(fields: tuple[str, ...]) -> type[Any]:
-    """Rows read on asyncpg: tuples read by position and by attribute, and as SQLAlchemy's rows
+    """Rows read on the driver: tuples read by position and by attribute, and as SQLAlchemy's rows
     through `_mapping` and `_asdict()`."""
     base = namedtuple("Row", fields)  # type: ignore[misc]
     return type("Row", (base,), {"__slots__": (), "_mapping": property(base._asdict)})
