@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import re
 from collections import namedtuple
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Row
@@ -41,6 +41,7 @@ __all__ = [
 Statement = Executable
 
 _ROWCOUNT = re.compile(r"(?:SELECT|UPDATE|DELETE|INSERT \d+) (\d+)")
+_T = TypeVar("_T")
 
 
 def _driver(conn: AsyncConnection) -> Any:
@@ -51,61 +52,42 @@ def _driver(conn: AsyncConnection) -> Any:
         return None
     fairy = getattr(conn.sync_connection, "_dbapi_connection", None)
     adapter = getattr(fairy, "dbapi_connection", None)
-    needs = _NEEDS.get(conn.dialect.name, ("-",))
-    if adapter is not None and all(hasattr(adapter, a) for a in (*needs, "_execute_mutex")):
-        driver = adapter._connection
-        if conn.dialect.name != "sqlite" or hasattr(driver, "_execute"):
-            return adapter
+    if not hasattr(adapter, "_execute_mutex"):
+        return None
+    if conn.dialect.name == "postgresql":
+        # asyncpg's transaction begins with the first statement (_on_driver).
+        needs = ("_connection", "_transaction", "_start_transaction")
+        return adapter if all(hasattr(adapter, a) for a in needs) else None
+    if conn.dialect.name == "sqlite":
+        # SQLAlchemy's `begin` event has begun the transaction (db.py).
+        return adapter if hasattr(getattr(adapter, "_connection", None), "_execute") else None
     return None
 
 
-# What each adapter must have (asyncpg's begins its transaction with the first statement; on
-# SQLite, SQLAlchemy's `begin` event has begun it, see db.py).
-_NEEDS = {
-    "postgresql": ("_connection", "_transaction", "_start_transaction"),
-    "sqlite": ("_connection",),
-}
-
-
-async def _on_asyncpg(adapter: Any, sql: str, args: list[Any], rows: bool) -> tuple[Any, int]:
-    """(the records, or None when `rows` is False; the row count), with asyncpg's cache of
-    prepared statements."""
-    if adapter._transaction is None:
-        await adapter._start_transaction()
-    if rows:
-        records = await adapter._connection.fetch(sql, *args)
-        return records, len(records)
-    match = _ROWCOUNT.match(await adapter._connection.execute(sql, *args) or "")
-    return None, int(match.group(1)) if match else -1
-
-
-async def _on_sqlite(adapter: Any, sql: str, args: list[Any], rows: bool) -> tuple[Any, int]:
-    """The same on aiosqlite, in one trip to its thread (SQLAlchemy's cursor takes three or
-    four: open, execute, fetch, close)."""
-    connection = adapter._connection
-
-    def run() -> tuple[Any, int]:
-        cursor = connection._conn.execute(sql, args)
-        try:
-            if rows:
-                records = cursor.fetchall()
-                return records, len(records)
-            return None, cursor.rowcount
-        finally:
-            cursor.close()
-
-    result: tuple[Any, int] = await connection._execute(run)
-    return result
-
-
-async def _on_sqlite_script(adapter: Any, statements: Sequence[str]) -> None:
-    connection = adapter._connection
-
-    def run() -> None:
-        for statement in statements:
-            connection._conn.execute(statement).close()
-
-    await connection._execute(run)
+async def _on_driver(
+    conn: AsyncConnection,
+    adapter: Any,
+    sql: str,
+    on_asyncpg: Callable[[Any], Awaitable[_T]],
+    on_sqlite: Callable[[Any], _T],
+) -> _T:
+    """`on_asyncpg(asyncpg's connection)`, or on SQLite `on_sqlite(sqlite3's connection)` in one
+    trip to aiosqlite's thread, under SQLAlchemy's transaction; errors raised as SQLAlchemy's."""
+    try:
+        async with adapter._execute_mutex:
+            try:
+                if conn.dialect.name == "sqlite":
+                    driver = adapter._connection
+                    result: _T = await driver._execute(lambda: on_sqlite(driver._conn))
+                    return result
+                if adapter._transaction is None:
+                    await adapter._start_transaction()
+                return await on_asyncpg(adapter._connection)
+            except Exception as error:
+                adapter._handle_exception(error)  # raises it as the adapter's DBAPI error
+                raise
+    except Exception as error:
+        raise await _as_sqlalchemy(conn, sql, error) from error
 
 
 def begin_immediate(connection: Any) -> None:
@@ -201,19 +183,18 @@ class _Plan:
         return self.sql, [values[n] if p is None else p(values[n]) for n, p in self.binds]
 
 
-# Per statement and the parameter names it is given (an INSERT compiles to the columns given);
-# the statements are the store's, built once at import, and every PostgreSQL engine of the process
-# is created alike (Store), so their plans are shared.
+# Per dialect, statement and the parameter names it is given (an INSERT compiles to the columns
+# given). The statements are the store's, built once at import, and every engine of a dialect is
+# created alike (Store), so their plans are shared.
 _plans: dict[tuple[str, int, tuple[str, ...]], tuple[Statement, _Plan | None]] = {}
 
 
 def _plan(conn: AsyncConnection, statement: Statement, keys: tuple[str, ...]) -> _Plan | None:
     key = (conn.dialect.name, id(statement), keys)
-    known = _plans.get(key)
-    if known is None or known[0] is not statement:
-        known = (statement, _Plan.of(conn, statement, keys))
-        _plans[key] = known
-    return known[1]
+    if key not in _plans:
+        # The statement is kept with its plan, so that its id stays its own.
+        _plans[key] = (statement, _Plan.of(conn, statement, keys))
+    return _plans[key][1]
 
 
 def on_driver(conn: AsyncConnection, statement: Statement, keys: tuple[str, ...]) -> bool:
@@ -230,15 +211,27 @@ async def _run(
     if plan is None:
         raise _Fallback
     sql, args = plan.bind(params)
-    run = _on_sqlite if conn.dialect.name == "sqlite" else _on_asyncpg
-    try:
-        async with adapter._execute_mutex:
-            try:
-                records, count = await run(adapter, sql, args, plan.results is not None)
-            except Exception as error:  # noqa: BLE001 - raised as SQLAlchemy would
-                adapter._handle_exception(error)
-    except Exception as error:
-        raise await _as_sqlalchemy(conn, sql, error) from error
+    wants_rows = plan.results is not None
+
+    async def on_asyncpg(connection: Any) -> tuple[Any, int]:
+        # Both use asyncpg's cache of prepared statements.
+        if wants_rows:
+            found = await connection.fetch(sql, *args)
+            return found, len(found)
+        match = _ROWCOUNT.match(await connection.execute(sql, *args) or "")
+        return None, int(match.group(1)) if match else -1
+
+    def on_sqlite(connection: Any) -> tuple[Any, int]:
+        cursor = connection.execute(sql, args)
+        try:
+            if wants_rows:
+                found = cursor.fetchall()
+                return found, len(found)
+            return None, cursor.rowcount
+        finally:
+            cursor.close()
+
+    records, count = await _on_driver(conn, adapter, sql, on_asyncpg, on_sqlite)
     if records is None:
         return [], count
     results, row = plan.results, plan.row
@@ -288,8 +281,8 @@ async def _as_sqlalchemy(conn: AsyncConnection, sql: str, error: Exception) -> E
 async def rows(
     conn: AsyncConnection, statement: Statement, params: Mapping[str, Any]
 ) -> Sequence[Row[Any]]:
-    """Every row `statement` returns, with `params` (on asyncpg, rows that read as SQLAlchemy's:
-    by position, by attribute, `_mapping`, `_asdict()`)."""
+    """Every row `statement` returns, with `params` (from the driver, rows that read as
+    SQLAlchemy's: by position, by attribute, `_mapping`, `_asdict()`)."""
     try:
         return (await _run(conn, statement, params))[0]
     except _Fallback:
@@ -331,24 +324,13 @@ async def execute_many(
         return
     sql = plan.sql
     many = [plan.bind(p)[1] for p in params]
-    try:
-        async with adapter._execute_mutex:
-            try:
-                if conn.dialect.name == "sqlite":
-                    connection = adapter._connection
-
-                    def run() -> None:
-                        connection._conn.executemany(sql, many).close()
-
-                    await connection._execute(run)
-                else:
-                    if adapter._transaction is None:
-                        await adapter._start_transaction()
-                    await adapter._connection.executemany(sql, many)
-            except Exception as error:  # noqa: BLE001 - raised as SQLAlchemy would
-                adapter._handle_exception(error)
-    except Exception as error:
-        raise await _as_sqlalchemy(conn, sql, error) from error
+    await _on_driver(
+        conn,
+        adapter,
+        sql,
+        lambda connection: connection.executemany(sql, many),
+        lambda connection: connection.executemany(sql, many).close(),
+    )
 
 
 class Savepoints:
@@ -386,16 +368,12 @@ class Savepoints:
                 await self._conn.exec_driver_sql(statement)
             return
         sql = "; ".join(statements)
-        try:
-            async with adapter._execute_mutex:
-                try:
-                    if self._conn.dialect.name == "sqlite":
-                        await _on_sqlite_script(adapter, statements)
-                    else:
-                        if adapter._transaction is None:
-                            await adapter._start_transaction()
-                        await adapter._connection.execute(sql)  # one simple query
-                except Exception as error:  # noqa: BLE001 - raised as SQLAlchemy would
-                    adapter._handle_exception(error)
-        except Exception as error:
-            raise await _as_sqlalchemy(self._conn, sql, error) from error
+
+        def on_sqlite(connection: Any) -> None:
+            for statement in statements:
+                connection.execute(statement).close()
+
+        # On asyncpg, one simple query.
+        await _on_driver(
+            self._conn, adapter, sql, lambda connection: connection.execute(sql), on_sqlite
+        )
