@@ -159,3 +159,62 @@ async def test_a_cancelled_waiter_leaves_no_turn_taken():
     first.release()
 
     assert isinstance(await gate.enter([RELAY]), Turn)
+
+
+async def busy_lane(gate: Gate, turns: int, seconds: float) -> Turn:
+    """A lane of one turn that has been full: `turns` turns of `seconds` each, one after the
+    other; the last one still running."""
+    running = await turn(gate)
+    for _ in range(turns):
+        await asyncio.sleep(seconds)
+        running.release()
+        running = await turn(gate)
+    return running
+
+
+async def test_a_busy_lane_has_as_many_waiting_as_it_gets_through_in_the_horizon():
+    gate = Gate(DELAYS, max_waiting=2, horizon=1.0)
+    running = await busy_lane(gate, 5, 0.02)  # about 50 turns a second
+
+    waiting = [asyncio.ensure_future(gate.enter([RELAY])) for _ in range(20)]
+    await asyncio.sleep(0.05)
+
+    assert not any(w.done() for w in waiting), "a job its lane takes within a second was parked"
+    running.release()
+    first = await asyncio.wait_for(waiting[0], 1)
+    assert isinstance(first, Turn)
+    for w in waiting[1:]:
+        w.cancel()
+
+
+async def test_without_a_horizon_a_busy_lane_has_max_waiting_waiting():
+    gate = Gate(DELAYS, max_waiting=2)
+    await busy_lane(gate, 5, 0.02)
+    waiting = [asyncio.ensure_future(gate.enter([RELAY])) for _ in range(2)]
+    await asyncio.sleep(0.01)
+
+    assert isinstance(await gate.enter([RELAY]), Park)
+    for w in waiting:
+        w.cancel()
+
+
+async def test_a_slow_lane_has_no_more_waiting_than_max_waiting_whatever_the_horizon():
+    gate = Gate(DELAYS, max_waiting=2, horizon=1.0)
+    await busy_lane(gate, 2, 0.6)  # under two turns a second
+    waiting = [asyncio.ensure_future(gate.enter([RELAY])) for _ in range(2)]
+    await asyncio.sleep(0.01)
+
+    assert isinstance(await gate.enter([RELAY]), Park)
+    for w in waiting:
+        w.cancel()
+
+
+async def test_a_parked_job_comes_back_when_its_place_in_line_should_come():
+    gate = Gate(DELAYS, max_waiting=0)
+    await busy_lane(gate, 3, 0.5)  # two turns a second
+
+    delays = [(await gate.enter([RELAY])) for _ in range(12)]
+
+    # Its wait is its place in line at two a second, rounded down to a delay queue's.
+    expected = [max(d for d in DELAYS if d <= max(1.0, (n + 1) * 0.5)) for n in range(12)]
+    assert [Park(d) for d in expected] == delays
