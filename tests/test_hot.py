@@ -295,3 +295,24 @@ async def test_an_in_list_statement_processes_its_other_parameters_too(store: St
     # On SQLite, text in one format ("YYYY-MM-DD HH:MM:SS.ffffff"), so that they compare.
     assert type(raw.lease_until) is type(raw.created_at)
     assert len(str(raw.lease_until)) == len(str(raw.created_at))
+
+
+async def test_in_lists_of_every_length_read_each_row_once_with_few_statements(
+    store: Store,
+) -> None:
+    async with store.transaction() as conn:
+        owners_ = [await _world(conn, f"in{n}") for n in range(3)]
+        ids = [f"e-{owner_id}" for owner_id in owners_]
+        for length in range(1, 41):
+            wanted = [ids[n % 3] if n % 2 else f"e-missing-{n}" for n in range(length)]
+            rows = await hot.rows(conn, emails_store._BY_IDS, {"ids": wanted})
+            assert sorted(row.id for row in rows) == sorted(set(wanted) & set(ids)), length
+        if store.dialect == "postgresql":
+            prepared = await conn.scalar(
+                text(
+                    "SELECT count(*) FROM pg_prepared_statements "
+                    "WHERE statement LIKE 'SELECT emails.id%' AND statement LIKE '%emails.id IN%'"
+                )
+            )
+            # Lengths 1 to 40 are padded to 1, 2, 4, 8, 16, 32 and 64.
+            assert prepared == 7

@@ -167,8 +167,9 @@ class Store:
                 # A store that goes silent without closing the connection must not hang a
                 # command forever: past this, the statement fails and the command is retried.
                 # Each statement is prepared once per connection: SQLAlchemy's 100 would be
-                # too few for the store's statements, IN lists of every length up to a batch's
-                # included, and they would be prepared again and again.
+                # too few for the store's statements, an IN list's in each of its lengths
+                # included (powers of two on the hot path, worker.store.hot; any length on
+                # SQLAlchemy's), and they would be prepared again and again.
                 connect_args={"command_timeout": 30, "prepared_statement_cache_size": 500},
             )
 

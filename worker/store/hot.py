@@ -7,14 +7,15 @@ On PostgreSQL, SQLAlchemy's execution (its context, cursor and result, through a
 about 90 µs of CPU a statement and asyncpg's own work about 50; on SQLite, SQLAlchemy's cursor
 takes three or four trips to aiosqlite's thread, and a statement here takes one. A statement
 with Python-side defaults runs through SQLAlchemy; an IN list is expanded as SQLAlchemy expands
-it. Errors are SQLAlchemy's either way, so `translate_error` treats both paths alike.
+it, padded to a length that is a power of two (each length is a statement to prepare). Errors
+are SQLAlchemy's either way, so `translate_error` treats both paths alike.
 """
 
 from __future__ import annotations
 
 import re
 from collections import namedtuple
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -134,8 +135,13 @@ class _Plan:
     # None: the statement returns no rows.
     results: tuple[Callable[[Any], Any] | None, ...] | None
     row: Callable[[Any], Any] | None
-    # An IN list's parameters are expanded for each execution, as SQLAlchemy does.
-    expanding: bool = False
+    # An IN list's parameters are expanded for each execution, as SQLAlchemy does: the names of
+    # the lists.
+    lists: tuple[str, ...] = ()
+
+    @property
+    def expanding(self) -> bool:
+        return bool(self.lists)
 
     @classmethod
     def of(cls, conn: AsyncConnection, statement: Statement, keys: tuple[str, ...]) -> _Plan | None:
@@ -148,7 +154,8 @@ class _Plan:
             compiled.literal_execute_params or compiled.insert_prefetch or compiled.update_prefetch
         ):
             return None
-        expanding = bool(compiled.post_compile_params)
+        lists = tuple(param.key for param in compiled.post_compile_params)
+        expanding = bool(lists)
         processors = compiled._bind_processors
         binds: list[tuple[str, Callable[[Any], Any] | None]] = []
         for name in () if expanding else compiled.positiontup or ():
@@ -158,17 +165,18 @@ class _Plan:
             binds.append((name, processor))
         columns = compiled._result_columns
         if not columns:
-            return cls(compiled.string, compiled, tuple(binds), None, None, expanding)
+            return cls(compiled.string, compiled, tuple(binds), None, None, lists)
         try:
             row = _row_class(tuple(column[0] for column in columns))._make
         except ValueError:
             return None
         results = tuple(column[3]._cached_result_processor(dialect, None) for column in columns)
-        return cls(compiled.string, compiled, tuple(binds), results, row, expanding)
+        return cls(compiled.string, compiled, tuple(binds), results, row, lists)
 
     def bind(self, params: Mapping[str, Any]) -> tuple[str, list[Any]]:
         """The SQL and its positional arguments for `params`."""
-        if self.expanding:
+        if self.lists:
+            params = {**params, **{name: _padded(params[name]) for name in self.lists}}
             state = self.compiled.construct_expanded_state(params)
             # The expanded lists' processors, and those of the other parameters, as SQLAlchemy
             # merges them.
@@ -181,6 +189,15 @@ class _Plan:
             return state.statement, args
         values = self.compiled.construct_params(params)
         return self.sql, [values[n] if p is None else p(values[n]) for n, p in self.binds]
+
+
+def _padded(values: Iterable[Any]) -> list[Any]:
+    """An IN list's values, the last one repeated up to a power of two: a connection prepares a
+    statement once for each length of its lists, so lists of 1 to 64 make 7 statements, not 64.
+    Matching a row twice in an IN list matches it once."""
+    padded = list(values)
+    size = 1 << max(len(padded) - 1, 0).bit_length()
+    return padded + padded[-1:] * (size - len(padded))
 
 
 # Per dialect, statement and the parameter names it is given (an INSERT compiles to the columns
