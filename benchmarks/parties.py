@@ -9,6 +9,7 @@ Worker processes, readiness, owners, tenants and the broker's clean-up are the t
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.support.commandline import environment, smtp_worker
@@ -33,11 +34,17 @@ def worker_variables(prefix: str, database_url: str, secret_key: str) -> dict[st
     }
 
 
-def start_workers(variables: dict[str, str], logs: Path, count: int) -> list[WorkerProcess]:
-    """`count` workers with these settings, logging to `logs`/PREFIX-N.log; not waited for."""
+def start_workers(
+    variables: dict[str, str], logs: Path, count: int, queues: Sequence[str] = ()
+) -> list[WorkerProcess]:
+    """`count` workers with these settings, consuming `queues` (every queue when empty), logging
+    to `logs`/PREFIX-N.log; not waited for."""
     prefix = variables["prefix"]
+    name = "-".join(queues) if len(queues) == 1 else ""
     return [
-        WorkerProcess(environment(**variables), logs / f"{prefix}-{n}.log", logs).spawn()
+        WorkerProcess(
+            environment(**variables), logs / f"{prefix}-{name or n}.log", logs, queues
+        ).spawn()
         for n in range(count)
     ]
 

@@ -20,6 +20,10 @@ worker count:
 - `ticket.new` → email accepted by the sink, per second: the ticket.new requests over the time
   from the first request sent to the last of their emails accepted;
 - `ticket.new` p50 latency with one request outstanding (SEQUENTIAL requests);
+- a backlog drained, per second (one worker): three times REQUESTS `ticket.new` answered by a worker
+  that consumes the command queues only, their emails then sent by another one started to
+  consume P.deliveries only, from when its consumer is seen to the last email accepted; what a
+  worker does after an outage of its relay or of its deliveries consumers;
 - the CPU time (user + system) each request cost the echo, and the workers per
   `settings.channel.get` and per `ticket.new` with its email: on a shared machine, where the
   rates follow what else runs, the least noisy figure; and the workers' CPU in cores over the
@@ -75,7 +79,7 @@ from tests.support.commandline import create_owner
 from tests.support.databases import create_database, drop_database
 from tests.support.processes import WorkerProcess, cpu_seconds, stop_workers
 from tests.support.tenants import set_up_tenant
-from worker.broker import Names, json_message
+from worker.broker import COMMAND_QUEUES, Names, json_message
 
 REPLY_TIMEOUT = 60.0
 RAW_CONNECTIONS = 4
@@ -223,6 +227,7 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-"))
         self.profiled = False
         self.echo_pid = 0
+        self.owner: Any = None
 
     def record(self, figure: str, store: str, workers: int, value: float) -> None:
         self.figures.setdefault((figure, store, workers), []).append(value)
@@ -291,18 +296,17 @@ class Bench:
             if any(code != 0 for code in codes):
                 raise RuntimeError(f"worker exit codes {codes}; logs in {self.tmp}")
 
-    async def measure(
+    async def tenant(
         self,
         client: Client,
         exchange: aio_pika.abc.AbstractExchange,
         variables: dict[str, str],
         ports: tuple[int, int],
-        procs: list[WorkerProcess],
-        store: str,
-    ) -> None:
-        o, workers = self.options, len(procs)
+    ) -> tuple[Callable[[int], bytes], int]:
+        """An owner (`self.owner`), its relay (the sink), an SMTP user and a channel "ops": the
+        body of the I-th `ticket.new`, and the sink's control port."""
         smtp_port, control_port = ports
-        owner = await create_owner("bench", self.tmp, **variables)
+        owner = self.owner = await create_owner("bench", self.tmp, **variables)
         domain = f"{variables['prefix']}.example.com"
         (auth,) = await set_up_tenant(
             functools.partial(client.ok, exchange),
@@ -314,12 +318,27 @@ class Bench:
             limits={"total_limit": 10**9, "hourly_limit": 10**9},
         )
 
-        def get(i: int) -> bytes:
-            return command("settings.channel.get", owner, {"name": "ops"})
-
         def new(i: int) -> bytes:
             ticket = {"title": f"alert {i}", "body": "disk almost full on db-1\n" * 8}
             return command("ticket.new", auth, {"channel": "ops", "ticket": ticket})
+
+        return new, control_port
+
+    async def measure(
+        self,
+        client: Client,
+        exchange: aio_pika.abc.AbstractExchange,
+        variables: dict[str, str],
+        ports: tuple[int, int],
+        procs: list[WorkerProcess],
+        store: str,
+    ) -> None:
+        o, workers = self.options, len(procs)
+        new, control_port = await self.tenant(client, exchange, variables, ports)
+        owner = self.owner
+
+        def get(i: int) -> bytes:
+            return command("settings.channel.get", owner, {"name": "ops"})
 
         # Warm-up: every worker opens its store and relay connections.
         sent, _ = await read_sink(control_port)
@@ -353,6 +372,33 @@ class Bench:
             "ticket.new p50 ms, 1 in flight", store, workers, statistics.median(latencies) * 1000
         )
 
+    async def backlog(self, client: Client, ports: tuple[int, int], store: str) -> None:
+        """Emails/s of one worker sending a backlog queued while P.deliveries had no consumer."""
+        prefix = f"bench{uuid.uuid4().hex[:8]}"
+        names = Names(prefix)
+        procs: list[WorkerProcess] = []
+        count = 3 * self.options.requests
+        async with self.database(store, prefix) as database_url:
+            variables = worker_variables(prefix, database_url, secrets.token_urlsafe(32))
+            try:
+                await worker_command(variables, self.tmp, "migrate")
+                procs = start_workers(variables, self.tmp, 1, list(COMMAND_QUEUES))
+                await wait_consumed(self.connection, names, procs, shorts=list(COMMAND_QUEUES))
+                exchange = await client.channel.get_exchange(names.commands, ensure=False)
+                new, control_port = await self.tenant(client, exchange, variables, ports)
+                await client.load(exchange, "ticket.new", new, count, self.options.in_flight)
+                sent, _ = await read_sink(control_port)
+                procs += start_workers(variables, self.tmp, 1, ["deliveries"])
+                await wait_consumed(self.connection, names, procs[1:], shorts=["deliveries"])
+                started = time.time()
+                last = await emails_accepted(control_port, sent + count, max(60, count / 5))
+            finally:
+                codes = await stop_workers(procs)
+                await delete_topology(self.connection, names)
+            if any(code != 0 for code in codes):
+                raise RuntimeError(f"worker exit codes {codes}; logs in {self.tmp}")
+        self.record(f"backlog of {count} emails drained/s", store, 1, count / (last - started))
+
     async def run(self) -> list[tuple[float, float, float]]:
         """Every round; the load average before each."""
         o = self.options
@@ -380,6 +426,8 @@ class Bench:
                     for store in o.stores:
                         for count in o.workers:
                             await self.worker(client, (smtp_port, control_port), store, count)
+                        if 1 in o.workers:
+                            await self.backlog(client, (smtp_port, control_port), store)
         finally:
             with contextlib.suppress(aio_pika.exceptions.AMQPError):
                 async with self.connection.channel() as admin:

@@ -39,10 +39,12 @@ async def wait_consumed(
     names: Names,
     workers: Sequence[WorkerProcess],
     timeout: float = 60,
+    shorts: Sequence[str] = (*COMMAND_QUEUES, "deliveries"),
 ) -> None:
-    """Waits until each of `workers` consumes every command queue and the deliveries queue;
-    raises RuntimeError after `timeout` seconds, or as soon as one of them has exited."""
-    queues = [names.queue(short) for short in COMMAND_QUEUES] + [names.deliveries]
+    """Waits until each of `workers` consumes every queue of `shorts` (by default every command
+    queue and the deliveries queue); raises RuntimeError after `timeout` seconds, or as soon as
+    one of them has exited."""
+    queues = [names.queue(short) for short in shorts]
     deadline = time.monotonic() + timeout
     while True:
         counts = [await queue_counts(connection, queue) for queue in queues]

@@ -38,11 +38,16 @@ class WorkerProcess:
     `log_path`."""
 
     def __init__(
-        self, environment: dict[str, str], log_path: Path, cwd: Path | None = None
+        self,
+        environment: dict[str, str],
+        log_path: Path,
+        cwd: Path | None = None,
+        queues: Sequence[str] = (),
     ) -> None:
         self.environment = environment
         self.log_path = log_path
         self.cwd = cwd
+        self.queues = tuple(queues)  # `--queues`: every queue when empty
         self.process: subprocess.Popen[bytes] | None = None
         self.terminated = False  # SIGTERM sent: a second one could land after its handler is gone
         # label ("start", "10%", …, "end", "drained") -> (VmRSS, VmHWM) in KiB
@@ -51,8 +56,13 @@ class WorkerProcess:
     def spawn(self) -> WorkerProcess:
         """Starts the process, without waiting for anything."""
         with self.log_path.open("ab") as log:
+            queues = ["--queues", ",".join(self.queues)] if self.queues else []
             self.process = subprocess.Popen(
-                [SMTP_WORKER, "run"], env=self.environment, cwd=self.cwd, stdout=log, stderr=log
+                [SMTP_WORKER, "run", *queues],
+                env=self.environment,
+                cwd=self.cwd,
+                stdout=log,
+                stderr=log,
             )
         return self
 
