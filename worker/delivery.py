@@ -128,7 +128,6 @@ class DeliveryConsumer(Consumer):
             max_waiting=MAX_WAITING,
             max_waiting_total=MAX_WAITING_TOTAL,
             patience=PATIENCE,
-            horizon=PARK_DELAYS[0],
         )
 
     async def close(self) -> None:

@@ -7,22 +7,17 @@ it back in the queue, through a delay queue, and ack it), so that a job that can
 does not hold a prefetch slot another owner's job could use.
 
 A job waits only when its wait is bounded:
-- at most `max_waiting` jobs wait per lane, or, with a `horizon`, in a lane that keeps busy, as
-  many as it gets through in that time (the shortest of the `delays`, say: parking such a job
-  would keep it away longer than its wait, and leave the lane idle until it comes back). And
-  `max_waiting_total` in all: what keeps slots free for the jobs of other lanes, which may well
-  have room;
+- at most `max_waiting` jobs wait per lane, and `max_waiting_total` in all: what keeps slots
+  free for the jobs of other lanes, which may well have room;
 - with `patience`, a job waits only for a lane that moves: it does not wait for one where
   nothing has started or ended for `patience` (a relay that never answers), and a job waiting
   for one that stops moving so is parked.
 
-A parked job stays away for about the time its place in the lane's line should take (the lane's
-pace times the jobs ahead of it: waiting, and parked to come back before it), rounded down to
-one of the `delays` (the delay queues). So a long backlog comes back spread out, a little ahead
-of when its lane can take it, rather than all at once to be parked again; early rather than
-late, since a relay left idle costs more than a job parked twice. A lane's pace is how often its
-turns end while it is full, when it has been: what it gets through, the worker's own work per
-job included, and not only how long its turns last.
+A parked job stays away for about half the time its place in the lane's line should take (the
+lane's pace times the jobs ahead of it: waiting, and parked to come back before it), rounded down
+to one of the `delays` (the delay queues). So a long backlog comes back spread out, a little
+ahead of when its lane can take it, rather than all at once to be parked again; early rather
+than late, since a relay left idle costs more than a job parked twice.
 
 Single-threaded by design: everything here runs on the event loop, so a check and the grant it
 leads to cannot be interleaved with another job's.
@@ -31,7 +26,6 @@ leads to cannot be interleaved with another job's.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import time
 from collections import deque
 from collections.abc import Hashable, Sequence
@@ -53,10 +47,7 @@ class _Lane:
     running: int = 0
     waiting: int = 0
     average: float | None = None  # seconds per turn, smoothed
-    # Seconds between turns ending while the lane was full, smoothed: its throughput when busy.
-    interval: float | None = None
-    ended_full: float | None = None  # when a turn last ended while the lane was full
-    returning: list[float] = field(default_factory=list)  # when its parked jobs come back: a heap
+    returning: list[float] = field(default_factory=list)  # when its parked jobs come back
 
     @property
     def full(self) -> bool:
@@ -66,12 +57,7 @@ class _Lane:
         """Seconds between turns, as far as is known: a stuck turn counts for how long it has
         run so far."""
         stuck = now - self.moved if self.running else 0.0
-        return max(max(self.average or 0.0, stuck) / self.limit, self.interval or 0.0)
-
-    def returned(self, now: float) -> None:
-        """Forgets the parked jobs that came back by `now`."""
-        while self.returning and self.returning[0] <= now:
-            heapq.heappop(self.returning)
+        return max(self.average or 0.0, stuck) / self.limit
 
 
 @dataclass(eq=False)
@@ -120,7 +106,6 @@ class Gate:
     max_waiting: int
     max_waiting_total: int | None = None
     patience: float | None = None
-    horizon: float | None = None
     _waiting: int = 0
     _lanes: dict[Hashable, _Lane] = field(default_factory=dict)
     _waiters: deque[_Waiter] = field(default_factory=deque)
@@ -163,11 +148,7 @@ class Gate:
         return waiter.future.result()
 
     def _may_wait(self, lane: _Lane, now: float) -> bool:
-        room = self.max_waiting
-        if self.horizon is not None and lane.interval is not None:
-            pace = lane.pace(now)
-            room = max(room, int(self.horizon / pace)) if pace > 0 else room
-        return lane.waiting < room and not self._stalled([lane], now)
+        return lane.waiting < self.max_waiting and not self._stalled([lane], now)
 
     def _stalled(self, lanes: list[_Lane], now: float) -> bool:
         """Whether a full lane has seen nothing start or end for `patience`: a relay that does
@@ -180,11 +161,11 @@ class Gate:
         full = [lane for lane in lanes if lane.full]
         wait = 0.0
         for lane in full:
-            lane.returned(now)
+            lane.returning = [at for at in lane.returning if at > now]
             wait = max(wait, (lane.waiting + len(lane.returning) + 1) * lane.pace(now))
-        delay = max([d for d in self.delays if d <= wait], default=self.delays[0])
+        delay = max([d for d in self.delays if d <= wait / 2], default=self.delays[0])
         for lane in full:
-            heapq.heappush(lane.returning, now + delay)
+            lane.returning.append(now + delay)
         return Park(delay)
 
     def _lane(self, key: Hashable, limit: int, now: float) -> _Lane:
@@ -203,37 +184,22 @@ class Gate:
         now = time.monotonic()
         took = now - started
         for lane in lanes:
-            if lane.full:
-                if lane.ended_full is not None:
-                    gap = now - lane.ended_full
-                    interval = gap if lane.interval is None else lane.interval
-                    lane.interval = (1 - _SMOOTHING) * interval + _SMOOTHING * gap
-                lane.ended_full = now
-            else:
-                lane.ended_full = None  # the time to its next turn's end may be idle time
             lane.running -= 1
             lane.moved = now
             average = took if lane.average is None else lane.average
             lane.average = (1 - _SMOOTHING) * average + _SMOOTHING * took
-        # First come, first served, among the waiters whose every lane now has room. Only these
-        # lanes gained room (no waiter could start before), so once they are full again, no
-        # other waiter can start.
-        started_now = []
-        for waiter in self._waiters:
-            if all(lane.full for lane in lanes):
-                break
+        # First come, first served, among the waiters whose every lane now has room.
+        for waiter in list(self._waiters):
             if all(not lane.full for lane in waiter.lanes):
-                started_now.append(waiter)
+                self._waiters.remove(waiter)
                 waiter.future.set_result(self._start(waiter.lanes, now))
-        for waiter in started_now:
-            self._waiters.remove(waiter)
 
     def _sweep(self, now: float) -> None:
         if now - self._swept < _REMEMBER:
             return
         self._swept = now
         for key, lane in list(self._lanes.items()):
-            lane.returned(now)
+            lane.returning = [at for at in lane.returning if at > now]
             idle = lane.running == 0 and lane.waiting == 0 and not lane.returning
             if idle and now - lane.moved >= _REMEMBER:
                 del self._lanes[key]
