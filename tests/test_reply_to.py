@@ -20,6 +20,7 @@ from typing import Any
 
 import aio_pika
 import pytest
+from aiormq import spec
 
 from tests.support.client import Client
 from tests.support.environment import Env
@@ -339,18 +340,18 @@ async def test_a_reply_the_broker_refuses_by_closing_its_channel_costs_no_other_
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     poisoned = uuid.uuid4().hex
-    real = Broker.reply_message
+    real = Broker.reply_properties
 
     def refused_for_one(
-        body: bytes, correlation_id: str | None, type_: str | None, headers: dict[str, Any]
-    ) -> aio_pika.Message:
-        message = real(body, correlation_id, type_, headers)
+        correlation_id: str | None, type_: str | None, headers: dict[str, Any]
+    ) -> spec.Basic.Properties:
+        properties = real(correlation_id, type_, headers)
         if correlation_id == poisoned:
             # The broker closes a channel publishing as another user (PRECONDITION_FAILED).
-            message.user_id = "intruder"
-        return message
+            properties.user_id = "intruder"
+        return properties
 
-    monkeypatch.setattr(Broker, "reply_message", staticmethod(refused_for_one))
+    monkeypatch.setattr(Broker, "reply_properties", staticmethod(refused_for_one))
     victim, others = await env.new_owner("victim"), [await env.new_owner() for _ in range(4)]
     transport = transport_of(env.workers[0])
 
