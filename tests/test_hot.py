@@ -316,3 +316,86 @@ async def test_in_lists_of_every_length_read_each_row_once_with_few_statements(
             )
             # Lengths 1 to 40 are padded to 1, 2, 4, 8, 16, 32 and 64.
             assert prepared == 7
+
+
+async def test_a_record_writes_each_email_and_its_ticket_mirrors_the_last_given(
+    store: Store,
+) -> None:
+    """An SMTP reply's text is stored as it came, quotes, semicolons and all."""
+    async with store.transaction() as conn:
+        owner_id = await _world(conn, "rec")
+        other = f"t2-{owner_id}"
+        await tickets.add(conn, _ticket(owner_id, other))
+        for email_id, sid, seq in (("r1", f"t-{owner_id}", 1), ("r2", other, None)):
+            await emails_store.add(
+                conn,
+                email_id=email_id,
+                owner_id=owner_id,
+                sid=sid,
+                seq=seq,
+                domain=f"{owner_id}.example",
+                recipients=["a@x.example"],
+                now=NOW,
+            )
+        ids = [f"e-{owner_id}", "r1", "r2"]
+        assert set(ids) == await emails_store.claim(conn, ids, NOW, timedelta(seconds=60))
+        found = await emails_store.get_many(conn, ids)
+    hostile = "451 it's \"busy\"; DROP TABLE tickets; -- \\ ✓ ' OR '1'='1"
+    later = NOW + timedelta(minutes=1)
+    async with store.statements() as conn:
+        if store.dialect == "postgresql":
+            keys = ("now", "ids", "statuses", "attempts", "errors")
+            keys += ("sids", "sid_statuses", "sid_attempts", "sid_errors")
+            assert hot.on_driver(conn, emails_store._RECORD_ALL, keys)
+        await emails_store.record(
+            conn,
+            [
+                emails_store.State(found[f"e-{owner_id}"], "sent", 1, None),
+                emails_store.State(found["r1"], "pending", 2, hostile),
+                emails_store.State(found["r2"], "failed", 6, "550 no"),
+            ],
+            later,
+        )
+    async with store.transaction() as conn:
+        stored = await emails_store.get_many(conn, ids)
+        mirrored = {sid: await tickets.get(conn, sid) for sid in (f"t-{owner_id}", other)}
+    assert {
+        email_id: (row.status, row.attempts, row.last_error, row.lease_until, row.updated_at)
+        for email_id, row in stored.items()
+    } == {
+        f"e-{owner_id}": ("sent", 1, None, None, later),
+        "r1": ("pending", 2, hostile, None, later),
+        "r2": ("failed", 6, "550 no", None, later),
+    }
+    # The ticket of two emails shows the last one given.
+    assert {
+        sid: (t.delivery_status, t.delivery_attempts, t.delivery_last_error)
+        for sid, t in mirrored.items()
+    } == {f"t-{owner_id}": ("pending", 2, hostile), other: ("failed", 6, "550 no")}
+
+
+async def test_statements_commit_each_as_it_runs_on_postgresql_and_together_on_sqlite(
+    store: Store, database_url: str
+) -> None:
+    async with store.transaction() as conn:
+        owner_id = await _world(conn, "stm")
+    email_id = f"e-{owner_id}"
+    # Another process's reader (on SQLite not a writer, which would wait for this one).
+    onlooker = create_async_engine(database_url)
+    query = text("SELECT lease_until FROM emails WHERE id = :id")
+
+    async def leased() -> bool:
+        async with onlooker.connect() as other:
+            return (await other.execute(query, {"id": email_id})).scalar() is not None
+
+    try:
+        async with store.statements() as conn:
+            assert {email_id} == await emails_store.claim(
+                conn, [email_id], NOW, timedelta(seconds=60)
+            )
+            seen = await leased()
+        after = await leased()
+    finally:
+        await onlooker.dispose()
+    # SQLite's one writer holds its transaction: the onlooker reads what was committed before.
+    assert (seen, after) == (store.dialect == "postgresql", True)

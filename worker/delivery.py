@@ -75,7 +75,8 @@ PATIENCE = 5.0
 MAX_WAITING = 64
 MAX_WAITING_TOTAL = 128
 # Emails that came meanwhile are claimed together, and the outcomes of those sent meanwhile are
-# recorded together, in one transaction each, up to this many.
+# recorded together, up to this many: on PostgreSQL a claim is two statements and a record one,
+# each committing on its own; on SQLite each is one transaction.
 CLAIMS_BATCH = 64
 RECORDS_BATCH = 64
 RECORD_RETRIES = 5
@@ -282,11 +283,12 @@ class DeliveryConsumer(Consumer):
         return Job(email, relay, envelope_sender, message_id, message)
 
     async def _claim_all(self, claims: list[_Claim]) -> list[_Claimed | Exception]:
-        """Claims these emails in one transaction (see _claim): a statement to read (and lock)
-        them all, one to take the leases of those to send now."""
+        """Claims these emails (see _claim): a statement to read them all, one to take the leases
+        of those to send now. They need no transaction together: the lease is taken by the second
+        one's own reading of the emails (pending, not leased), whatever the first one read."""
         now = max(claim.now for claim in claims)
         found: list[_Claimed | Exception] = []
-        async with self.store.transaction(urgent=True) as conn:
+        async with self.store.statements(urgent=True) as conn:
             rows = await emails.to_send(conn, {claim.email_id for claim in claims})
             wanted: set[str] = set()
             for claim in claims:
@@ -329,7 +331,7 @@ class DeliveryConsumer(Consumer):
 
     async def _record(self, email: Row[Any], status: str, attempts: int, error: str | None) -> None:
         """Writes the email's state, mirrored on its ticket's `delivery`, and frees its lease;
-        with those of the other emails sent meanwhile, in one transaction."""
+        with those of the other emails sent meanwhile, at once (emails.record)."""
         written = emails.State(email, status, attempts, error)
 
         async def write() -> None:
@@ -347,7 +349,7 @@ class DeliveryConsumer(Consumer):
         # By ticket, each one's in the order they came: two batches never wait on each other's
         # tickets in opposite orders, and a ticket mirrors its latest email.
         ordered = sorted(writes, key=lambda written: written.email.sid)
-        async with self.store.transaction(urgent=True) as conn:
+        async with self.store.statements(urgent=True) as conn:
             await emails.record(conn, ordered, datetime.now(UTC))
         return [None] * len(writes)
 

@@ -172,6 +172,8 @@ class Store:
                 # SQLAlchemy's), and they would be prepared again and again.
                 connect_args={"command_timeout": 30, "prepared_statement_cache_size": 500},
             )
+            # The same pool, its connections in autocommit while they are taken (`statements`).
+            self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @contextlib.asynccontextmanager
     async def transaction(self, *, urgent: bool = False) -> AsyncIterator[AsyncConnection]:
@@ -193,6 +195,26 @@ class Store:
                 raise
             if committing and isinstance(ours, StoreUnavailable):
                 ours = CommitUnknown("the store became unavailable during commit")
+            raise ours from exc
+
+    @contextlib.asynccontextmanager
+    async def statements(self, *, urgent: bool = False) -> AsyncIterator[AsyncConnection]:
+        """A connection for statements that need no transaction together, each atomic on its own:
+        on PostgreSQL each commits as it runs, with no BEGIN and no COMMIT (a round trip each);
+        on SQLite they are one transaction, `urgent` as `transaction` takes it (its single
+        writer is taken for all of them anyway). Database errors as `transaction` raises them; a
+        write whose answer was lost is StoreUnavailable, and may have been done."""
+        if self._writer is not None:
+            async with self.transaction(urgent=urgent) as conn:
+                yield conn
+            return
+        try:
+            async with self._autocommit.begin() as conn:
+                yield conn
+        except Exception as exc:
+            ours = translate_error(exc)
+            if ours is None:
+                raise
             raise ours from exc
 
     @property

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, or_, select, update
+from sqlalchemy import and_, bindparam, or_, select, text, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from worker.store import hot, tickets
-from worker.store.tables import channels, email_settings, emails, hits
+from worker.store.tables import UtcDateTime, channels, email_settings, emails, hits
 from worker.store.tables import tickets as tickets_table
 
 # Built once, with bound parameters: one per ticket.new or emailed hit.new.
@@ -55,10 +55,6 @@ _TO_SEND = (
     )
     .outerjoin(hits, and_(hits.c.sid == emails.c.sid, hits.c.seq == emails.c.seq))
     .where(emails.c.id.in_(bindparam("ids", expanding=True)))
-    # Locked in the order of their ids (PostgreSQL; SQLite has a single writer): two claims of
-    # the same emails never wait on each other in opposite orders.
-    .order_by(emails.c.id)
-    .with_for_update(of=emails)
 )
 _CLAIM = (
     update(emails)
@@ -73,6 +69,30 @@ _CLAIM = (
     .values(lease_until=bindparam("lease_until"))
     .returning(emails.c.id)
 )
+# PostgreSQL: the emails' states and their tickets' `delivery` in one statement, which commits on
+# its own (Store.statements): one round trip, where a transaction of the two statements is four.
+_RECORD_ALL = text(
+    """
+    WITH recorded AS (
+        UPDATE emails
+        SET status = state.status, attempts = state.attempts, last_error = state.last_error,
+            lease_until = NULL, updated_at = :now
+        FROM unnest(
+            CAST(:ids AS VARCHAR[]), CAST(:statuses AS VARCHAR[]),
+            CAST(:attempts AS INTEGER[]), CAST(:errors AS TEXT[])
+        ) AS state (id, status, attempts, last_error)
+        WHERE emails.id = state.id
+    )
+    UPDATE tickets
+    SET delivery_status = state.status, delivery_attempts = state.attempts,
+        delivery_last_error = state.last_error
+    FROM unnest(
+        CAST(:sids AS VARCHAR[]), CAST(:sid_statuses AS VARCHAR[]),
+        CAST(:sid_attempts AS INTEGER[]), CAST(:sid_errors AS TEXT[])
+    ) AS state (sid, status, attempts, last_error)
+    WHERE tickets.sid = state.sid
+    """
+).bindparams(bindparam("now", type_=UtcDateTime))
 _RECORD = (
     update(emails)
     .where(emails.c.id == bindparam("email_id"))
@@ -135,12 +155,12 @@ async def claim(
 
 
 async def to_send(conn: AsyncConnection, ids: Collection[str]) -> dict[str, Row[Any]]:
-    """The emails among `ids` with all their send needs, by id, in one statement, and locked
-    (PostgreSQL) until the transaction ends: their columns, and the ticket's (`channel`,
-    `title`, `ticket_body`, `severity`, `ticket_created_at`, `thread_domain`), the domain's
-    settings (`settings_id`, `sender`, `options`, `auth_pass_enc`; None when gone), the
-    channel's `subject_prefix` (None when gone) and the hit's (`hit_seq`, `hit_summary`,
-    `hit_body`, `hit_created_at`; None for a ticket's email or a pruned hit)."""
+    """The emails among `ids` with all their send needs, by id, in one statement: their
+    columns, and the ticket's (`channel`, `title`, `ticket_body`, `severity`,
+    `ticket_created_at`, `thread_domain`), the domain's settings (`settings_id`, `sender`,
+    `options`, `auth_pass_enc`; None when gone), the channel's `subject_prefix` (None when gone)
+    and the hit's (`hit_seq`, `hit_summary`, `hit_body`, `hit_created_at`; None for a ticket's
+    email or a pruned hit)."""
     if not ids:
         return {}
     return {row.id: row for row in await hot.rows(conn, _TO_SEND, {"ids": sorted(ids)})}
@@ -157,10 +177,31 @@ class State:
 
 
 async def record(conn: AsyncConnection, states: Sequence[State], now: datetime) -> None:
-    """Writes the emails' states, mirrored on their tickets' `delivery`, and frees their leases:
-    a statement for the emails and one for the tickets, in the order given (a ticket mirrors
-    the last of its emails given)."""
+    """Writes the emails' states, mirrored on their tickets' `delivery`, and frees their leases,
+    in the order given (a ticket mirrors the last of its emails given): on PostgreSQL in one
+    statement, atomic on its own; on SQLite a statement for the emails and one for the tickets,
+    to run in a transaction."""
     if not states:
+        return
+    if conn.dialect.name == "postgresql":
+        # An UPDATE … FROM writes a row once, whichever of its matches: the last state of each.
+        by_email = {state.email.id: state for state in states}
+        by_ticket = {state.email.sid: state for state in states}
+        await hot.rowcount(
+            conn,
+            _RECORD_ALL,
+            {
+                "now": now,
+                "ids": list(by_email),
+                "statuses": [state.status for state in by_email.values()],
+                "attempts": [state.attempts for state in by_email.values()],
+                "errors": [state.error for state in by_email.values()],
+                "sids": list(by_ticket),
+                "sid_statuses": [state.status for state in by_ticket.values()],
+                "sid_attempts": [state.attempts for state in by_ticket.values()],
+                "sid_errors": [state.error for state in by_ticket.values()],
+            },
+        )
         return
     await hot.execute_many(
         conn,
