@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from worker.security import Keyring
 from worker.store import Connection, Store, channels, db, emails, migrate, owners, tickets, users
@@ -16,6 +17,7 @@ from worker.store import settings as email_settings
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 LEASE = timedelta(seconds=60)
 KEYRING = Keyring("store-tests-secret-key-0123456789")
+OWNER_NAMES = text("SELECT name FROM owners ORDER BY name")
 
 
 @pytest.fixture
@@ -279,3 +281,82 @@ async def test_on_sqlite_a_transaction_cancelled_while_waiting_passes_its_turn_o
         await cancelled
     # The writer is free again.
     assert "again" == await asyncio.wait_for(write("again"), 5)
+
+
+async def _owner_names(url: str) -> list[str]:
+    """The owners' names, as another process reads them."""
+    other = Store(url)
+    try:
+        async with asyncio.timeout(5), other.transaction() as conn:
+            return list((await conn.execute(OWNER_NAMES)).scalars())
+    finally:
+        await other.close()
+
+
+async def test_on_sqlite_a_transaction_given_up_mid_way_writes_nothing_and_frees_the_file(
+    store: Store,
+) -> None:
+    """Failed or cancelled after its writes (which run on the event loop's thread, its BEGIN and
+    COMMIT on aiosqlite's), a transaction leaves the file to the next writer, of this process or
+    another one, at once."""
+    with pytest.raises(RuntimeError):
+        async with store.transaction() as conn:
+            await owners.create(conn, KEYRING, "failed", NOW)
+            raise RuntimeError("a bug")
+    written = asyncio.Event()
+
+    async def stuck() -> None:
+        async with store.transaction() as conn:
+            await owners.create(conn, KEYRING, "cancelled", NOW)
+            written.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.ensure_future(stuck())
+    await written.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert [] == await _owner_names(store.url)
+    async with store.transaction() as conn:
+        await owners.create(conn, KEYRING, "next", NOW)
+    assert ["next"] == await _owner_names(store.url)
+
+
+async def test_on_sqlite_a_writer_in_another_process_is_waited_for_off_the_event_loop(
+    store: Store,
+) -> None:
+    other = Store(store.url)
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def hold() -> None:
+        async with other.transaction() as conn:
+            await owners.create(conn, KEYRING, "other", NOW)
+            holding.set()
+            await release.wait()
+
+    holder = asyncio.ensure_future(hold())
+    try:
+        await holding.wait()
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.ensure_future(tick())
+        asyncio.get_running_loop().call_later(0.3, release.set)
+        async with store.transaction() as conn:
+            # Begun once the other one committed.
+            names = list((await conn.execute(OWNER_NAMES)).scalars())
+            await owners.create(conn, KEYRING, "this", NOW)
+        ticker.cancel()
+        await holder
+    finally:
+        release.set()
+        await other.close()
+    assert names == ["other"]
+    # The event loop ran on while this one waited for the file's write lock.
+    assert ticks >= 10
+    assert sorted(await _owner_names(store.url)) == ["other", "this"]
