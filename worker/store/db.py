@@ -72,13 +72,6 @@ def _sqlite_setup(engine: AsyncEngine) -> None:
     def _on_begin(connection: Any) -> None:
         hot.begin_immediate(connection)
 
-    @event.listens_for(engine.sync_engine, "reset")
-    def _on_reset(dbapi_connection: Any, _record: Any, state: Any) -> None:
-        # In place of the pool's ROLLBACK of every connection given back, a trip to aiosqlite's
-        # thread even after a COMMIT: one only when a transaction is still open.
-        if state.asyncio_safe and hot.sqlite_in_transaction(dbapi_connection) is not False:
-            dbapi_connection.rollback()
-
 
 # How long a transaction that is not urgent waits at most while urgent ones go first.
 PATIENCE = 0.25
@@ -158,7 +151,6 @@ class Store:
                 poolclass=AsyncAdaptedQueuePool,
                 pool_size=1,
                 max_overflow=0,
-                pool_reset_on_return=None,  # _sqlite_setup's `reset`
                 # The hot statements run on the event loop's thread, the rest on aiosqlite's
                 # (worker.store.hot), one at a time.
                 connect_args={"check_same_thread": False},

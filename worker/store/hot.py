@@ -18,7 +18,6 @@ alike.
 from __future__ import annotations
 
 import re
-import sqlite3
 from collections import namedtuple
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -105,15 +104,13 @@ BUSY_TIMEOUT_MS = 10_000
 
 
 def begin_immediate(connection: Any) -> None:
-    """`BEGIN IMMEDIATE` on SQLite: on the event loop's thread when the file's write lock is
-    free, else in one trip to aiosqlite's thread (SQLAlchemy's cursor takes three), where it waits
-    up to BUSY_TIMEOUT_MS for it; from SQLAlchemy's `begin` event, inside its greenlet."""
+    """`BEGIN IMMEDIATE` on SQLite, in one trip to aiosqlite's thread (SQLAlchemy's cursor takes
+    three), where it waits up to BUSY_TIMEOUT_MS for another process's transaction; from
+    SQLAlchemy's `begin` event, inside its greenlet."""
     adapter = getattr(connection.connection, "dbapi_connection", None)
     driver: Any = getattr(adapter, "_connection", None)
     if not hasattr(driver, "_execute") or not hasattr(driver, "_conn"):
         connection.exec_driver_sql("BEGIN IMMEDIATE")
-        return
-    if _begun_at_once(driver._conn):
         return
 
     def run() -> None:
@@ -134,30 +131,6 @@ def begin_immediate(connection: Any) -> None:
         # aiosqlite's word for a closed connection: SQLAlchemy's BEGIN turns it into theirs.
         connection.exec_driver_sql("BEGIN IMMEDIATE")
         raise
-
-
-def sqlite_in_transaction(adapter: Any) -> bool | None:
-    """Whether SQLite's connection under SQLAlchemy's adapter `adapter` is in a transaction;
-    None when that cannot be told."""
-    connection = getattr(getattr(adapter, "_connection", None), "_conn", None)
-    return connection.in_transaction if isinstance(connection, sqlite3.Connection) else None
-
-
-def _begun_at_once(connection: sqlite3.Connection) -> bool:
-    """Whether BEGIN IMMEDIATE took the write lock at once, without waiting: no other process
-    holds it (this one's transactions take their turns in worker.store.db)."""
-    try:
-        connection.execute("PRAGMA busy_timeout = 0").close()
-        try:
-            connection.execute("BEGIN IMMEDIATE").close()
-        finally:
-            connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}").close()
-    except sqlite3.Error:
-        # Busy (or worse: then the wait on aiosqlite's thread meets it again, and raises it).
-        if connection.in_transaction:
-            connection.rollback()
-        return False
-    return True
 
 
 def _row_class(fields: tuple[str, ...]) -> type[Any]:
