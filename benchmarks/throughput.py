@@ -28,7 +28,11 @@ worker count:
   `settings.channel.get` and per `ticket.new` with its email: on a shared machine, where the
   rates follow what else runs, the least noisy figure; and the workers' CPU in cores over the
   `ticket.new` load and its emails (below 1 per worker: it waited, for the store, the broker or
-  the machine's CPUs).
+  the machine's CPUs);
+- the CPU time the other parties spent per request, the echo's and `ticket.new` with its email:
+  RabbitMQ's and PostgreSQL's processes (from /proc), the sink and this client; and from their
+  sum, the most `ticket.new` per second this machine's cores could answer if the worker cost
+  nothing at all (where the ratios to the echo end on this machine, whatever the worker does).
 
 Prints the median of the rounds of each figure and its ratio to the echo's median of the same
 run (rates to the echo's replies/s, latencies to its p50, CPU to its CPU per request), each
@@ -84,6 +88,7 @@ from worker.broker import COMMAND_QUEUES, Names, json_message
 REPLY_TIMEOUT = 60.0
 RAW_CONNECTIONS = 4
 CPU_MS = "CPU ms/request"
+PARTY_MS = "CPU ms"
 WARM_UP = 50
 
 
@@ -198,6 +203,50 @@ async def emails_accepted(control_port: int, expected: int, timeout: float) -> f
         await asyncio.sleep(0.05)
 
 
+def _service(pid: str) -> str | None:
+    """Which service's process `pid` is: "RabbitMQ" (its Erlang VM), "PostgreSQL" (its server
+    processes), or None."""
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+    if comm.startswith("beam"):
+        return "RabbitMQ"
+    if comm.startswith("postgres") or comm.startswith("postmaster"):
+        return "PostgreSQL"
+    return None
+
+
+class Parties:
+    """The CPU time the other parties on this machine spend on a load: RabbitMQ's and
+    PostgreSQL's processes (found in /proc; a backend that exits during the load takes its time
+    with it), the sink, and this process, the client."""
+
+    def __init__(self, sink_pid: int) -> None:
+        self.sink_pid = sink_pid
+
+    def snapshot(self) -> dict[str, float]:
+        """Per process (pid, or "sink" and "client"), the CPU seconds it has used so far."""
+        seen: dict[str, float] = {}
+        for pid in [pid for pid in os.listdir("/proc") if pid.isdigit()]:
+            if _service(pid):
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    seen[pid] = cpu_seconds(int(pid))
+        seen["sink"] = cpu_seconds(self.sink_pid)
+        seen["client"] = time.process_time()
+        return seen
+
+    @staticmethod
+    def used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        """Seconds used between two snapshots, by party."""
+        totals = dict.fromkeys(("RabbitMQ", "PostgreSQL", "sink", "client"), 0.0)
+        for key, seconds in after.items():
+            party_ = key if key in ("sink", "client") else _service(key)
+            if party_ is not None:
+                totals[party_] += seconds - before.get(key, 0.0)
+        return totals
+
+
 @contextlib.contextmanager
 def py_spy(path: Path | None, pid: int) -> Any:
     """Records `pid` with py-spy into `path` (collapsed stacks) while the block runs."""
@@ -227,19 +276,36 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-"))
         self.profiled = False
         self.echo_pid = 0
+        self.parties: Parties | None = None
         self.owner: Any = None
 
     def record(self, figure: str, store: str, workers: int, value: float) -> None:
         self.figures.setdefault((figure, store, workers), []).append(value)
+
+    def record_parties(
+        self, what: str, store: str, workers: int, before: dict[str, float], requests: int
+    ) -> None:
+        """The other parties' CPU per request since `before`, each and in all."""
+        assert self.parties is not None
+        used = Parties.used(before, self.parties.snapshot())
+        if store != "postgres":
+            used.pop("PostgreSQL")
+        for name, seconds in used.items():
+            self.record(f"{what}: {name} {PARTY_MS}", store, workers, seconds * 1000 / requests)
+        total = sum(used.values()) * 1000 / requests
+        self.record(f"{what}: the others {PARTY_MS}", store, workers, total)
 
     async def echo(self, client: Client, queue: str) -> None:
         exchange = client.channel.default_exchange
         o = self.options
         await client.load(exchange, queue, lambda i: b"{}", WARM_UP, 10)
         cpu = cpu_seconds(self.echo_pid)
+        assert self.parties is not None
+        parties = self.parties.snapshot()
         elapsed, _ = await client.load(exchange, queue, lambda i: b"{}", o.requests, o.in_flight)
         self.record("replies/s", "echo", 0, o.requests / elapsed)
         self.record(CPU_MS, "echo", 0, (cpu_seconds(self.echo_pid) - cpu) * 1000 / o.requests)
+        self.record_parties("request", "echo", 0, parties, o.requests)
         _, latencies = await client.load(exchange, queue, lambda i: b"{}", o.sequential, 1)
         self.record("p50 ms, 1 in flight", "echo", 0, statistics.median(latencies) * 1000)
 
@@ -357,11 +423,14 @@ class Bench:
             profile, self.profiled = o.profile, True
         sent, _ = await read_sink(control_port)
         cpu = sum(p.cpu_seconds() for p in procs)
+        assert self.parties is not None
+        parties = self.parties.snapshot()
         with py_spy(profile, procs[0].pid):
             started, wall = time.perf_counter(), time.time()
             elapsed, _ = await client.load(exchange, "ticket.new", new, o.requests, o.in_flight)
             last = await emails_accepted(control_port, sent + o.requests, max(60, o.requests / 5))
         used = sum(p.cpu_seconds() for p in procs) - cpu
+        self.record_parties("ticket.new + email", store, workers, parties, o.requests)
         self.record("ticket.new replies/s", store, workers, o.requests / elapsed)
         self.record("ticket.new → email accepted/s", store, workers, o.requests / (last - wall))
         self.record(f"ticket.new + email {CPU_MS}", store, workers, used * 1000 / o.requests)
@@ -413,11 +482,12 @@ class Bench:
         loads = []
         try:
             async with (
-                party("benchmarks.sink") as (_, sink_ports),
+                party("benchmarks.sink") as (sink, sink_ports),
                 party("benchmarks.echo", echo_queue) as (echo, _),
             ):
                 self.echo_pid = echo.pid
                 smtp_port, control_port = (int(port) for port in sink_ports.split())
+                self.parties = Parties(sink.pid)
                 for n in range(o.rounds):
                     loads.append(os.getloadavg())
                     print(f"round {n + 1} of {o.rounds}, load average {loads[-1]}", flush=True)
@@ -452,7 +522,7 @@ class Bench:
         print(f"{'figure':40s} {'store':>8s} {'workers':>7s} {'median':>9s} {'× echo':>7s}  rounds")
         for (figure, store, workers), values in self.figures.items():
             median = medians[figure, store, workers]
-            if figure.startswith("worker CPU"):
+            if figure.startswith("worker CPU") or figure.endswith(PARTY_MS):
                 ratio = ""
             elif figure.endswith(CPU_MS):
                 ratio = f"{median / echo_cpu:6.2f}×"
@@ -464,6 +534,15 @@ class Bench:
                 f"{figure:40s} {store:>8s} {workers or '':>7} {median:9.1f} {ratio:>7s}  "
                 + ", ".join(f"{v:.1f}" for v in values)
             )
+        cores = os.cpu_count() or 1
+        for (figure, store, workers), others in medians.items():
+            if figure == f"ticket.new + email: the others {PARTY_MS}" and others > 0:
+                ceiling = cores * 1000 / others
+                print(
+                    f"{store}, {workers} worker(s): the other parties spend {others:.1f} ms of CPU "
+                    f"on a ticket.new and its email; with a worker that cost none, {cores} cores "
+                    f"would answer at most {ceiling:.0f}/s ({ceiling / echo_rate:.2f}× echo)"
+                )
 
 
 async def main(options: Options) -> None:
