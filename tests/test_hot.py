@@ -286,7 +286,8 @@ async def test_an_in_list_statement_processes_its_other_parameters_too(store: St
     async with store.transaction() as conn:
         owner_id = await _world(conn, "acme")
         email_id = f"e-{owner_id}"
-        taken = await emails_store.claim(conn, [email_id, "e-none"], NOW, timedelta(seconds=60))
+        lease = timedelta(seconds=60)
+        taken = (await emails_store.claim(conn, [email_id, "e-none"], NOW, lease)).keys()
         query = text("SELECT lease_until, created_at FROM emails WHERE id = :id")
         raw = (await conn.execute(query, {"id": email_id})).one()
         email = (await emails_store.get_many(conn, [email_id]))[email_id]
@@ -338,7 +339,8 @@ async def test_a_record_writes_each_email_and_its_ticket_mirrors_the_last_given(
                 now=NOW,
             )
         ids = [f"e-{owner_id}", "r1", "r2"]
-        assert set(ids) == await emails_store.claim(conn, ids, NOW, timedelta(seconds=60))
+        lease = timedelta(seconds=60)
+        assert set(ids) == (await emails_store.claim(conn, ids, NOW, lease)).keys()
         found = await emails_store.get_many(conn, ids)
     hostile = "451 it's \"busy\"; DROP TABLE tickets; -- \\ ✓ ' OR '1'='1"
     later = NOW + timedelta(minutes=1)
@@ -390,12 +392,34 @@ async def test_statements_commit_each_as_it_runs_on_postgresql_and_together_on_s
 
     try:
         async with store.statements() as conn:
-            assert {email_id} == await emails_store.claim(
-                conn, [email_id], NOW, timedelta(seconds=60)
-            )
+            taken = await emails_store.claim(conn, [email_id], NOW, timedelta(seconds=60))
+            assert {email_id} == taken.keys()
             seen = await leased()
         after = await leased()
     finally:
         await onlooker.dispose()
     # SQLite's one writer holds its transaction: the onlooker reads what was committed before.
     assert (seen, after) == (store.dialect == "postgresql", True)
+
+
+async def test_a_claim_takes_the_email_as_it_is_then_not_as_it_was_read(postgres_url: str) -> None:
+    """Between a claim's read and its lease (on PostgreSQL no transaction holds them together;
+    on SQLite they are one, the file's one writer), another worker may record an attempt: the
+    email is taken with that attempt counted."""
+    store = Store(postgres_url)
+    await migrate(store)
+    async with store.transaction() as conn:
+        owner_id = await _world(conn, "race")
+    email_id = f"e-{owner_id}"
+    async with store.statements() as conn:
+        read = (await emails_store.to_send(conn, [email_id]))[email_id]
+        async with store.statements() as elsewhere:
+            state = emails_store.State(read, "pending", 1, "451 try again")
+            await emails_store.record(elsewhere, [state], NOW)
+        taken = await emails_store.claim(conn, [email_id], NOW, timedelta(seconds=60))
+    await store.close()
+    email = emails_store.as_taken(read, taken[email_id])
+    assert (read.attempts, read.last_error) == (0, None)
+    assert (email.attempts, email.last_error, email.status) == (1, "451 try again", "pending")
+    # The rest as read: what the send needs.
+    assert (email.id, email.title, email.sender) == (email_id, read.title, read.sender)

@@ -75,15 +75,16 @@ async def test_emails_are_claimed_once_under_a_lease_and_their_state_reaches_the
                 recipients=["ops@example.com"],
                 now=NOW,
             )
-        assert {"e1", "e2"} == await emails.claim(conn, ["e1", "e2", "e3"], NOW, LEASE)
-        assert set() == await emails.claim(conn, ["e1", "e2"], NOW, LEASE)
+        assert {"e1", "e2"} == (await emails.claim(conn, ["e1", "e2", "e3"], NOW, LEASE)).keys()
+        assert {} == await emails.claim(conn, ["e1", "e2"], NOW, LEASE)
         # A lease past its end is free again.
-        assert {"e1"} == await emails.claim(conn, ["e1"], NOW + LEASE + timedelta(seconds=1), LEASE)
+        later = NOW + LEASE + timedelta(seconds=1)
+        assert {"e1"} == (await emails.claim(conn, ["e1"], later, LEASE)).keys()
         e1 = (await emails.get_many(conn, ["e1"]))["e1"]
         await emails.record(conn, [emails.State(e1, "sent", 1, None)], NOW)
         stored = await emails.get_many(conn, ["e1", "e2"])
         assert {"e1": "sent", "e2": "pending"} == {k: row.status for k, row in stored.items()}
-        assert set() == await emails.claim(conn, ["e1"], NOW + timedelta(days=1), LEASE)
+        assert {} == await emails.claim(conn, ["e1"], NOW + timedelta(days=1), LEASE)
         ticket = await tickets.get(conn, "t1")
     assert ("sent", 1, None) == (
         ticket.delivery_status,
@@ -170,7 +171,7 @@ async def test_an_email_to_send_comes_with_its_ticket_settings_prefix_and_hit_in
                 now=NOW,
             )
         found = await emails.to_send(conn, ["e1", "e2", "e3", "e4"])
-        claimed = [await emails.claim(conn, ["e1"], NOW, LEASE) for _ in range(2)]
+        claimed = [(await emails.claim(conn, ["e1"], NOW, LEASE)).keys() for _ in range(2)]
 
     ticket_email, hit_email, orphan = found["e1"], found["e2"], found["e3"]
     assert ("s1", "alerts@example.com", "relay.example.com", "[ops]") == (
@@ -357,6 +358,6 @@ async def test_on_sqlite_a_writer_in_another_process_is_waited_for_off_the_event
         release.set()
         await other.close()
     assert names == ["other"]
-    # The event loop ran on while this one waited for the file's write lock.
-    assert ticks >= 10
+    # The event loop ran on while this one waited for the file's write lock (about 30 ticks).
+    assert ticks >= 5
     assert sorted(await _owner_names(store.url)) == ["other", "this"]

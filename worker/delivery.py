@@ -285,7 +285,8 @@ class DeliveryConsumer(Consumer):
     async def _claim_all(self, claims: list[_Claim]) -> list[_Claimed | Exception]:
         """Claims these emails (see _claim): a statement to read them all, one to take the leases
         of those to send now. They need no transaction together: the lease is taken by the second
-        one's own reading of the emails (pending, not leased), whatever the first one read."""
+        one's own reading of the emails (pending, not leased), which also gives their attempts
+        as they are then (another worker may have recorded one since the first one read)."""
         now = max(claim.now for claim in claims)
         found: list[_Claimed | Exception] = []
         async with self.store.statements(urgent=True) as conn:
@@ -303,10 +304,15 @@ class DeliveryConsumer(Consumer):
                 found.append(outcome)
             taken = await emails.claim(conn, wanted, now, LEASE)
         for index, outcome in enumerate(found):
-            if isinstance(outcome, _Taken) and outcome.email.id not in taken:
+            if not isinstance(outcome, _Taken):
+                continue
+            now_taken = taken.get(outcome.email.id)
+            if now_taken is None:
                 # Pending (a sent or failed one is not taken) but leased already by another
                 # worker, which is sending it or died doing so.
                 found[index] = "busy"
+                continue
+            found[index] = _Taken(emails.as_taken(outcome.email, now_taken), outcome.relay)
         return found
 
     def _claimable(self, email: Row[Any] | None) -> _Claimed | Exception:

@@ -58,11 +58,13 @@ def translate_error(exc: BaseException) -> Exception | None:
 
 def _sqlite_setup(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    def _on_connect(dbapi_connection: Any, record: Any) -> None:
         # Let SQLAlchemy, not the driver, emit BEGIN (the pysqlite/aiosqlite recipe).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
+        mode = cursor.fetchone()
+        record.info[hot.SQLITE_INLINE] = bool(mode) and str(mode[0]).lower() == "wal"
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute(f"PRAGMA busy_timeout={hot.BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
@@ -205,8 +207,8 @@ class Store:
         """A connection for statements that need no transaction together, each atomic on its own:
         on PostgreSQL each commits as it runs, with no BEGIN and no COMMIT (a round trip each);
         on SQLite they are one transaction, `urgent` as `transaction` takes it (its single
-        writer is taken for all of them anyway). Database errors as `transaction` raises them; a
-        write whose answer was lost is StoreUnavailable, and may have been done."""
+        writer is taken for all of them anyway). Database errors as `transaction` raises them;
+        on PostgreSQL an outage is CommitUnknown: the statement under way may have been done."""
         if self._writer is not None:
             async with self.transaction(urgent=urgent) as conn:
                 yield conn
@@ -218,6 +220,9 @@ class Store:
             ours = translate_error(exc)
             if ours is None:
                 raise
+            if isinstance(ours, StoreUnavailable):
+                # The statement under way may have been done, a write's COMMIT with it.
+                ours = CommitUnknown("the store became unavailable during a statement")
             raise ours from exc
 
     @property

@@ -67,7 +67,8 @@ _CLAIM = (
         or_(emails.c.lease_until.is_(None), emails.c.lease_until < bindparam("now")),
     )
     .values(lease_until=bindparam("lease_until"))
-    .returning(emails.c.id)
+    # The email as taken: a record by another worker may have come since it was read.
+    .returning(emails.c.id, emails.c.attempts, emails.c.last_error)
 )
 # PostgreSQL: the emails' states and their tickets' `delivery` in one statement, which commits on
 # its own (Store.statements): one round trip, where a transaction of the two statements is four.
@@ -145,13 +146,18 @@ async def get_many(conn: AsyncConnection, ids: Sequence[str]) -> dict[str, Row[A
 
 async def claim(
     conn: AsyncConnection, ids: Collection[str], now: datetime, lease: timedelta
-) -> set[str]:
+) -> dict[str, Row[Any]]:
     """Takes a lease of `lease` on every email among `ids` that is pending and not leased;
-    returns the ids it took."""
+    returns those it took, by id, as they are now (`attempts`, `last_error`)."""
     if not ids:
-        return set()
+        return {}
     params = {"ids": sorted(ids), "now": now, "lease_until": now + lease}
-    return {row.id for row in await hot.rows(conn, _CLAIM, params)}
+    return {row.id: row for row in await hot.rows(conn, _CLAIM, params)}
+
+
+def as_taken(email: Row[Any], taken: Row[Any]) -> Row[Any]:
+    """The email as read (by `to_send`), with its state as `claim` took it."""
+    return hot.replaced(email, attempts=taken.attempts, last_error=taken.last_error)  # type: ignore[no-any-return]
 
 
 async def to_send(conn: AsyncConnection, ids: Collection[str]) -> dict[str, Row[Any]]:
@@ -185,6 +191,8 @@ async def record(conn: AsyncConnection, states: Sequence[State], now: datetime) 
         return
     if conn.dialect.name == "postgresql":
         # An UPDATE … FROM writes a row once, whichever of its matches: the last state of each.
+        # It locks the rows in the order of its plan, not of `states`: two records of the same
+        # tickets in opposite orders may deadlock, and are written again (ConcurrentWrite).
         by_email = {state.email.id: state for state in states}
         by_ticket = {state.email.sid: state for state in states}
         await hot.rowcount(

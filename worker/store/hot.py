@@ -37,6 +37,7 @@ __all__ = [
     "execute_many",
     "first",
     "on_driver",
+    "replaced",
     "rowcount",
     "rows",
     "scalar",
@@ -82,13 +83,17 @@ async def _on_driver(
         async with adapter._execute_mutex:
             try:
                 if conn.dialect.name == "sqlite":
-                    # On the event loop's thread: a trip to aiosqlite's thread and back costs
-                    # 70-90 µs of CPU, more than a statement of the store's. None waits here:
-                    # BEGIN IMMEDIATE, on aiosqlite's thread, has taken the file's write lock,
-                    # and in WAL mode nothing else does until COMMIT (on that thread too, with
-                    # its wait for the disk). The statements are the hot ones, a row or a batch
-                    # of rows each.
-                    return on_sqlite(adapter._connection._conn)
+                    driver = adapter._connection
+                    if conn.info.get(SQLITE_INLINE):
+                        # On the event loop's thread: a trip to aiosqlite's thread and back costs
+                        # 70-90 µs of CPU, more than a statement of the store's. None waits
+                        # here: BEGIN IMMEDIATE, on aiosqlite's thread, has taken the file's
+                        # write lock, and in WAL mode nothing else does until COMMIT (on that
+                        # thread too, with its wait for the disk). The statements are the hot
+                        # ones, a row or a batch of rows each.
+                        return on_sqlite(driver._conn)
+                    result: _T = await driver._execute(lambda: on_sqlite(driver._conn))
+                    return result
                 if adapter._transaction is None:
                     await adapter._start_transaction()
                 return await on_asyncpg(adapter._connection)
@@ -101,6 +106,10 @@ async def _on_driver(
 
 # How long SQLite waits for another process's write lock (PRAGMA busy_timeout), in ms.
 BUSY_TIMEOUT_MS = 10_000
+# The key, in a SQLite connection's `info`, saying its hot statements run on the event loop's
+# thread: set when it is in WAL mode (worker.store.db). Otherwise a statement could have to wait
+# for a lock (a rollback journal's, to spill its cache) and block the loop.
+SQLITE_INLINE = "smtp_worker.sqlite_inline"
 
 
 def begin_immediate(connection: Any) -> None:
@@ -131,6 +140,14 @@ def begin_immediate(connection: Any) -> None:
         # aiosqlite's word for a closed connection: SQLAlchemy's BEGIN turns it into theirs.
         connection.exec_driver_sql("BEGIN IMMEDIATE")
         raise
+
+
+def replaced(row: Any, **values: Any) -> Any:
+    """`row` with these columns' values replaced, read as ever (see _row_class)."""
+    if hasattr(row, "_replace"):
+        return row._replace(**values)
+    fields = {**row._asdict(), **values}
+    return _row_class(tuple(fields))(**fields)
 
 
 def _row_class(fields: tuple[str, ...]) -> type[Any]:
@@ -190,10 +207,13 @@ class _Plan:
             or compiled.insert_prefetch
             or compiled.update_prefetch
             or getattr(compiled, "_collected_params", None)
+            or compiled.escaped_bind_names
             or any(bind.callable for bind in compiled.bind_names)
         ):
             return None
         lists = tuple(param.key for param in compiled.post_compile_params)
+        if any(name not in keys for name in lists):
+            return None  # an IN list of fixed values
         args = None
         if not lists:
             args = _args(compiled, compiled.positiontup or (), keys, compiled._bind_processors)
