@@ -423,3 +423,49 @@ async def test_a_claim_takes_the_email_as_it_is_then_not_as_it_was_read(postgres
     assert (email.attempts, email.last_error, email.status) == (1, "451 try again", "pending")
     # The rest as read: what the send needs.
     assert (email.id, email.title, email.sender) == (email_id, read.title, read.sender)
+
+
+async def test_a_new_ticket_and_its_email_are_stored_together_or_not_at_all(store: Store) -> None:
+    async with store.transaction() as conn:
+        owner_id = await _world(conn, "pair")
+        if store.dialect == "postgresql":
+            keys = tuple(f"email_{c.name}" for c in emails_store.emails.c)
+            keys += tuple(f"ticket_{c.name}" for c in tickets_table.c)
+            assert hot.on_driver(conn, emails_store._NEW_TICKET_AND_EMAIL, keys)
+
+    # As ticket.new gives them: every column (one statement on PostgreSQL).
+    every_column = {c.name: None for c in tickets_table.c} | {
+        "hit_count": 0,
+        "delivery_attempts": 0,
+    }
+
+    async def new(sid: str, email_id: str, dedup_key: str | None) -> None:
+        async with store.transaction() as conn:
+            await emails_store.add(
+                conn,
+                email_id=email_id,
+                owner_id=owner_id,
+                sid=sid,
+                seq=None,
+                domain=f"{owner_id}.example",
+                recipients=["a@x.example"],
+                now=NOW,
+                ticket=every_column | _ticket(owner_id, sid, dedup_key),
+            )
+
+    await new("t-pair-new", "e-pair-new", None)
+    # The world's open ticket holds the dedup key "disk": a twin is refused, its email with it.
+    with pytest.raises(ConcurrentWrite):
+        await new("t-pair-twin", "e-pair-twin", "disk")
+    async with store.transaction() as conn:
+        ticket = await tickets.get(conn, "t-pair-new")
+        found = await emails_store.get_many(conn, ["e-pair-new", "e-pair-twin"])
+        twin = await conn.scalar(text("SELECT count(*) FROM tickets WHERE sid = 't-pair-twin'"))
+    assert (ticket.title, ticket.thread_domain, ticket.created_at) == (
+        "disk full ✓",
+        "hot.example",
+        NOW,
+    )
+    assert list(found) == ["e-pair-new"]
+    assert (found["e-pair-new"].sid, found["e-pair-new"].status) == ("t-pair-new", "pending")
+    assert twin == 0

@@ -80,9 +80,16 @@ async def _consume_quota(ctx: Context, count: int) -> None:
 
 
 async def _queue_email(
-    ctx: Context, sid: str, seq: int | None, domain: str, recipients: list[str]
+    ctx: Context,
+    sid: str,
+    seq: int | None,
+    domain: str,
+    recipients: list[str],
+    *,
+    new_ticket: dict[str, Any] | None = None,
 ) -> None:
-    """Stores the email's job (published after commit) and counts it against the quota."""
+    """Stores the email's job (published after commit) and counts it against the quota; with
+    `new_ticket`, the ticket it is the first email of, stored with it."""
     # Channels put before recipients were de-duplicated may still list one address twice.
     recipients = distinct_addresses(recipients)
 
@@ -100,6 +107,7 @@ async def _queue_email(
         domain=domain,
         recipients=recipients,
         now=ctx.now,
+        ticket=new_ticket,
     )
     ctx.deliver(email_id, domain)
 
@@ -162,8 +170,7 @@ async def new_ticket(ctx: Context, data: t.TicketNew) -> t.TicketCreated:
         "thread_domain": channel.domain,
     }
     # The unique index on open dedup keys turns a concurrent twin into a retry that folds.
-    await tickets.add(ctx.conn, values)
-    await _queue_email(ctx, sid, None, channel.domain, channel.recipients)
+    await _queue_email(ctx, sid, None, channel.domain, channel.recipients, new_ticket=values)
     ctx.emit(
         "ticket.created",
         {"sid": sid, "channel": data.channel, "title": new.title, "severity": new.severity},
