@@ -169,6 +169,24 @@ async def test_metrics_show_an_email_in_flight_retried_then_failed(
 
 
 @ON_SQLITE
+async def test_metrics_count_a_relay_probe_answered_as_a_success_not_requeued(
+    env: Env, worker: Worker, world: World
+) -> None:
+    # The command consumer hands the probe to P.probes and acks the command: no message of it
+    # goes back to the broker.
+    result = await env.client.ok("settings.email.test", world.owner, {"domain": world.domain})
+
+    assert result["ok"] is True
+    assert 1 == await commands_counted(worker, "settings.email.test", "success")
+    samples = await scrape(port_of(worker))
+    assert None is sample(
+        samples, "smtp_worker_commands_total", type="settings.email.test", outcome="requeued"
+    )
+    duration = "smtp_worker_command_duration_seconds_count"
+    assert 1 == sample(samples, duration, type="settings.email.test")
+
+
+@ON_SQLITE
 async def test_no_metric_label_holds_an_owner_a_login_or_an_address(
     env: Env, worker: Worker, world: World
 ) -> None:

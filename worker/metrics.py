@@ -46,7 +46,12 @@ _COMMAND_OUTCOME: dict[str, str] = {
     Outcome.CRASHED: "requeued",
     Outcome.CANCELLED: "requeued",
     Outcome.DEAD_LETTERED: "dead_lettered",
+    # A relay probe's command, answered by the probe consumer (worker.probes).
+    Outcome.ANSWERED: "success",
 }
+# Fates that are not a command's: a probe queued on P.probes by the command consumer is counted
+# once the probe consumer has answered it, and a probe job parked comes back to be answered.
+_NOT_COUNTED = frozenset({Outcome.QUEUED, Outcome.PARKED})
 # An email waits out RETRY_DELAYS (up to 30 minutes by default) before its last attempt.
 _EMAIL_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 # How long a dead-letter count read from the broker is served before it is read again: a scrape
@@ -117,6 +122,8 @@ class Metrics:
     # --- fed by the consumers -------------------------------------------------------------------
 
     def command_processed(self, type_: str | None, outcome: Outcome, seconds: float) -> None:
+        if outcome in _NOT_COUNTED:
+            return
         label = command_label(type_)
         self.commands.labels(label, _COMMAND_OUTCOME.get(outcome, "requeued")).inc()
         self.command_duration.labels(label).observe(seconds)

@@ -90,8 +90,12 @@ class ProbeConsumer(Consumer):
         structlog.contextvars.bind_contextvars(
             type=job.type, message_id=job.message_id, correlation_id=job.correlation_id
         )
-        async with processing(message, log, "probe", Outcome) as run:
-            run.outcome = await self._process(message, job, spec)
+        try:
+            async with processing(message, log, "probe", Outcome) as run:
+                run.outcome = await self._process(message, job, spec)
+        finally:
+            # The command's own count (contract 9): the command consumer queued it uncounted.
+            self.metrics.command_processed(job.type, run.outcome, run.seconds)
 
     async def _process(
         self, message: AbstractIncomingMessage, job: ProbeJob, spec: Spec
@@ -127,7 +131,9 @@ class ProbeConsumer(Consumer):
             await settle(message.reject(requeue=True), "probe.settle_failed")
             return Outcome.REQUEUED
         await settle(message.ack(), "probe.settle_failed")
-        return Outcome.DUPLICATE if answer.recorded else Outcome.ANSWERED
+        if answer.recorded:
+            return Outcome.DUPLICATE
+        return Outcome.ANSWERED if answer.status == "success" else Outcome.REFUSED
 
     async def _park(self, message: AbstractIncomingMessage, job: ProbeJob, delay: float) -> Outcome:
         """Its owner has every turn taken and enough waiting: back in the queue, for later."""
