@@ -221,6 +221,18 @@ async def test_call_returns_the_success_typed_by_its_command(env: Env, client: C
 
 
 @ON_SQLITE
+async def test_call_takes_its_arguments_in_the_contracts_order(env: Env, client: Client) -> None:
+    # call(type, auth, data, message_id=None, timeout=30), each by position or by name.
+    owner, message_id = await env.new_owner(), uuid.uuid4().hex
+
+    first = await client.call("settings.smtp_user.list", owner, {}, message_id, 10)
+    again = await client.call("settings.smtp_user.list", owner, {}, message_id=message_id)
+
+    assert isinstance(first, SuccessReply)
+    assert first.command_id == again.command_id == message_id
+
+
+@ON_SQLITE
 async def test_call_returns_an_error_reply_for_wrong_credentials(env: Env, client: Client) -> None:
     reply = await client.call("settings.smtp_user.list", {"owner_id": "x", "token": "y"}, {})
 

@@ -157,7 +157,6 @@ class Client(Commands, _Opened):
         type: str,
         auth: Any,
         data: Any = None,
-        *,
         message_id: str | None = None,
         timeout: float = 30,
     ) -> Reply:
