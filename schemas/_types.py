@@ -11,10 +11,10 @@ from pydantic import AfterValidator, Field, StringConstraints
 # Unicode line and paragraph separators, and the bidirectional embeddings, overrides and isolates,
 # which make a subject or a sender's name read other than it is ("Trojan Source").
 _HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-# Text that reaches only a body refuses the same, but for TAB, LF and CR.
-_BODY_UNSAFE = re.compile(
-    r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
-)
+# Text that reaches only a body refuses the control characters and bidirectional controls, but
+# for TAB, LF and CR; the line and paragraph separators (U+2028, U+2029), line breaks and no
+# control characters, it keeps: the body goes out in base64, where no line break can do harm.
+_BODY_UNSAFE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 # Pragmatic address syntax: dot-atom local part, and a domain of at least two DNS labels.

@@ -3,7 +3,8 @@
 Fields that reach a header (`title`, `subject_prefix`, the display name of `from`) refuse control
 characters (U+0000-U+001F, U+007F-U+009F), the line and paragraph separators and bidirectional
 controls (U+202A-U+202E, U+2066-U+2069) with ValidationError; fields that reach only a body
-(`body`, `summary`, `comment`, `description`) refuse them too, but keep TAB and line breaks.
+(`body`, `summary`, `comment`, `description`) refuse them too, but keep TAB and line breaks (CR,
+LF and the line and paragraph separators, which are no control characters).
 A refused command changes nothing. Every test runs on both stores.
 """
 

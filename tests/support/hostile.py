@@ -42,6 +42,7 @@ BODY_SAFE = [
     ("--x\r\nContent-Type: text/html\r\n\r\n<b>pwned</b>\r\n--x--", "mime-part"),
     ("first\r\n.\r\nMAIL FROM:<x@evil.example>\r\n", "smtp-end-of-data"),
     ("tab\there\rcr\nlf\r\ncrlf", "tab-and-line-ends"),
+    ("line\u2028separator\u2029paragraph", "unicode-line-and-paragraph-separators"),
 ]
 # Contract section 5: control characters and bidirectional controls.
 REFUSED_IN_BODIES = [
@@ -54,22 +55,22 @@ REFUSED_IN_BODIES = [
     ("\x7f", "DEL"),
     ("\x85", "NEL"),
     ("\x9f", "APC"),
-    ("\u2028", "LINE-SEPARATOR"),
-    ("\u2029", "PARAGRAPH-SEPARATOR"),
     ("\u202a", "LRE"),
     ("\u202e", "RLO"),
     ("\u2066", "LRI"),
     ("\u2069", "PDI"),
 ]
-REFUSED_IN_HEADERS = [
-    *REFUSED_IN_BODIES,
+# What a body keeps, and a header refuses: TAB and line breaks. U+2028 and U+2029 are no control
+# characters, but a header value may not hold a line break of any kind.
+BODY_ONLY = [
     ("\t", "TAB"),
     ("\n", "LF"),
     ("\r", "CR"),
     ("\r\n", "CRLF"),
+    ("\u2028", "LINE-SEPARATOR"),
+    ("\u2029", "PARAGRAPH-SEPARATOR"),
 ]
-# What a body keeps, and a header refuses.
-BODY_ONLY = [("\t", "TAB"), ("\n", "LF"), ("\r", "CR"), ("\r\n", "CRLF")]
+REFUSED_IN_HEADERS = [*REFUSED_IN_BODIES, *BODY_ONLY]
 
 TICKET_HEADERS = [
     "From",
