@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aio_pika
 import pytest
+from sqlalchemy import update
 
 from tests.support.environment import Env
 from tests.support.logs import log_lines
@@ -29,6 +31,7 @@ from tests.support.smtp_servers import (
 from tests.support.tenants import BIG_LIMITS
 from tests.support.world import World, configure
 from worker.mail.relay import NO_CONNECTION
+from worker.store.tables import emails
 
 ATTEMPTS = 3  # len(RETRY_DELAYS) + 1
 SENT_KEYS = {"sid", "seq", "recipients", "message_id", "attempts"}
@@ -337,6 +340,42 @@ async def test_copies_of_one_job_sent_at_once_send_the_email_once(env: Env, smtp
     await eventually(all_finished)
     await outcome(world, "email.sent")
     assert 1 == len(smtp.messages)
+
+
+async def test_email_leased_elsewhere_is_looked_at_again_without_retry_delays(
+    env: Env, smtp: SmtpServer
+):
+    """RETRY_DELAYS may be empty (no retries, contract 1): a job whose email another worker holds
+    under its lease is still put back for later, not crashed on."""
+    for worker in env.workers:
+        await worker.stop()
+    env.workers.clear()
+    await env.start_worker(retry_delays=())
+    world = await configure(env, smtp)
+    sid = await world.new_ticket()
+    await outcome(world, "email.sent")
+    (email_id,) = await world.email_ids(sid)
+    # As if another worker were sending it now: pending, under its lease.
+    async with env.store.transaction() as conn:
+        await conn.execute(
+            update(emails)
+            .where(emails.c.id == email_id)
+            .values(status="pending", lease_until=datetime.now(UTC) + timedelta(hours=1))
+        )
+    seen = len(log_lines())
+
+    await env.client.channel.default_exchange.publish(
+        aio_pika.Message(json.dumps({"email_id": email_id}).encode()),
+        routing_key=env.client.names.deliveries,
+    )
+
+    async def looked_at() -> bool:
+        return any(_outcome(line, email_id) is not None for line in log_lines(seen))
+
+    await eventually(looked_at)
+    assert ["busy"] == [
+        found for line in log_lines(seen) if (found := _outcome(line, email_id)) is not None
+    ][:1]
 
 
 def _outcome(line: str, email_id: str) -> str | None:

@@ -194,10 +194,10 @@ class DeliveryConsumer(Consumer):
             return job
         if isinstance(job, str):
             if job == "busy":
-                # Another worker is sending it (or died doing so): look again after a delay.
-                await self.broker.publish_delivery(
-                    delivery.dump(), delay=self.settings.retry_delays[0]
-                )
+                # Another worker is sending it (or died doing so): look again after a delay,
+                # the first retry's, or a park's when RETRY_DELAYS is empty (no retries).
+                delay = (self.settings.retry_delays or PARK_DELAYS)[0]
+                await self.broker.publish_delivery(delivery.dump(), delay=delay)
             return EmailOutcome(job)
         if not isinstance(job, Job):
             # The email's row: sent or failed already. A redelivery may follow a crash that
