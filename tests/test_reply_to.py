@@ -386,3 +386,45 @@ async def test_a_command_sent_to_a_worker_queue_as_reply_to_never_gets_a_reply_t
     # Had it been answered, its reply would have come back through P.settings as a command, and
     # landed in P.dead as an unreadable one.
     assert await dead_correlation_ids(env.client, 2, timeout=2) == [correlation_id]
+
+
+async def test_replies_in_flight_with_refused_ones_cost_not_the_connection(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker closes a channel over a reply it refuses. A reply queued on that channel behind
+    it would reach the broker after the channel's close-ok, on a channel it no longer knows, and
+    it closes the whole connection for that (504 CHANNEL_ERROR - expected 'channel.open')."""
+    poisoned = {f"poisoned-{i}" for i in range(10)}
+    real = Broker.reply_properties
+
+    def refused_for_some(
+        correlation_id: str | None, type_: str | None, headers: dict[str, Any]
+    ) -> spec.Basic.Properties:
+        properties = real(correlation_id, type_, headers)
+        if correlation_id in poisoned:
+            properties.user_id = "intruder"
+        return properties
+
+    monkeypatch.setattr(Broker, "reply_properties", staticmethod(refused_for_some))
+    broker, transport = env.workers[0].broker, transport_of(env.workers[0])
+    queue = await env.client.channel.declare_queue(f"replies-{uuid.uuid4().hex}", exclusive=True)
+    ids = [uuid.uuid4().hex for _ in range(190)]
+    for index, correlation_id in enumerate(sorted(poisoned)):
+        ids.insert(index * 20 + 10, correlation_id)
+
+    await asyncio.gather(
+        *(
+            broker.publish_reply(
+                queue.name, b"{}", correlation_id=correlation_id, type_=None, status="success"
+            )
+            for correlation_id in ids
+        )
+    )
+
+    assert transport_of(env.workers[0]) is transport
+    assert await broker.consuming() == len(broker._consumers)
+    got: list[str] = []
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        got.append(message.correlation_id or "")
+    assert sorted(got) == sorted(set(ids) - poisoned)
+    assert sum('"reply.dropped"' in line for line in log_lines()) >= len(poisoned)

@@ -25,8 +25,12 @@ it finds it. A classic queue lives on one node; while that node is down it canno
 lost. The connection moves to another node when its node is lost (worker.connection); the
 queues are declared again there, and aio-pika restores the channels and their consumers.
 
-Replies have a confirming channel of their own, so that a reply the broker refuses (a nack, or a
-channel it closes over one reply) costs no event or email job its publishing.
+Replies have confirming channels of their own, one reply at a time on each, so that a reply the
+broker refuses (a nack, or the channel it closes over that reply) costs no other reply, event or
+email job its publishing. One at a time, because a frame that reaches the broker on a channel after
+it closed that channel costs the whole connection (504 CHANNEL_ERROR - expected 'channel.open'),
+and aiormq lets a publish queued on a channel go out behind the close-ok it answers the broker's
+close with (see Broker._reply_channel).
 """
 
 from __future__ import annotations
@@ -92,6 +96,9 @@ PARK_DELAYS = (1.0, 2.0, 5.0, 10.0)
 ELSEWHERE_REOPEN_EVERY = 1.0
 NODE_DOWN_FOR = 10.0
 NODES_DOWN_KEPT = 1024
+# Replies of the current connection go out on at most this many channels, one reply in flight on
+# each (see Broker._reply_channel); a reply waits for one of them to be free.
+REPLY_CHANNELS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +159,9 @@ class Broker:
         self.names = Names(settings.prefix)
         self.connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
-        self._replies: AbstractRobustChannel | None = None
+        # Reply channels with no reply in flight, kept for the next ones (see _reply_channel).
+        self._reply_channels: list[RawChannel] = []
+        self._reply_slots = asyncio.Semaphore(REPLY_CHANNELS)
         self._exchanges: dict[str, AbstractExchange] = {}
         # Strong references: aio-pika restores channels and consumers after a reconnect only
         # while they are alive (aio-pika issues #231, #626).
@@ -182,7 +191,6 @@ class Broker:
             raise BrokerUnavailable(str(exc)) from None
         self.connection = connection
         self._publisher = await connection.channel(publisher_confirms=True)
-        self._replies = await connection.channel(publisher_confirms=True)
         await self._declare(self._publisher)
         connection.reconnect_callbacks.add(self._on_reconnected)
 
@@ -409,7 +417,6 @@ class Broker:
         a reply to a queue that no longer exists (the broker drops it). BrokerUnavailable only
         when the connection is down.
         """
-        assert self._replies is not None
         properties = self.reply_properties(correlation_id, type_, {"status": status})
         # A token of another node than the one of the current connection (which may have moved
         # since the command was accepted) goes out apart: see worker.reply_to.
@@ -418,31 +425,57 @@ class Broker:
             await self._reply_elsewhere(reply_to, node, body, properties)
             return
         self._require_connection()
+        channel: RawChannel | None = None
         try:
-            try:
-                await _confirmed(self._replies, "", body, properties, reply_to)
-                return
-            except DeliveryError:
-                log.warning("reply.dropped", reason="nack")
-                return
-            except (AMQPChannelError, ChannelInvalidStateError):
-                # The broker closed the reply channel: over this reply, or over another one in
-                # flight with it. Alone on a channel of its own, this reply shows which. On the
-                # same connection only: after a connection loss, the command is requeued instead
-                # (its redelivery publishes the stored reply once the broker is back).
-                transport = self.connection.transport if self.connection else None
-                if transport is None or transport.connection.is_closed:
-                    raise BrokerUnavailable("the broker connection is down") from None
-            try:
-                async with (
-                    asyncio.timeout(PUBLISH_TIMEOUT),
-                    self._raw_channel(confirms=True, transport=transport) as channel,
-                ):
-                    await channel.basic_publish(body, routing_key=reply_to, properties=properties)
-            except (DeliveryError, AMQPChannelError) as exc:
-                log.warning("reply.dropped", reason=type(exc).__name__)
+            async with asyncio.timeout(PUBLISH_TIMEOUT), self._reply_channel() as channel:
+                await channel.basic_publish(body, routing_key=reply_to, properties=properties)
+        except DeliveryError:
+            log.warning("reply.dropped", reason="nack")
+        except (AMQPChannelError, ChannelInvalidStateError) as exc:
+            # The broker closed the channel over this reply, alone on it. Unless the connection
+            # went with it: then the command is requeued instead (its redelivery publishes the
+            # stored reply once the broker is back).
+            if channel is None or channel.connection.is_closed:
+                raise BrokerUnavailable("the broker connection is down") from exc
+            log.warning("reply.dropped", reason=type(exc).__name__)
         except _publish_errors() as exc:
             raise BrokerUnavailable("publish of a reply failed") from exc
+
+    @contextlib.asynccontextmanager
+    async def _reply_channel(self) -> AsyncIterator[RawChannel]:
+        """A confirming channel of the current connection for one reply, no other in flight on it.
+
+        The broker refuses a reply by closing its channel; aiormq answers with close-ok at once,
+        but a publish already waiting for that channel's lock, or for room in the connection's
+        write queue, still goes out after it, on a channel the broker no longer knows, and the
+        broker closes the whole connection over that frame (504 CHANNEL_ERROR). One reply at a
+        time on a channel, nothing follows the reply the broker refuses. The channel is kept for
+        the next reply unless something but a nack went wrong on it."""
+        async with self._reply_slots:
+            assert self.connection is not None
+            await self.connection.connected.wait()
+            transport = self.connection.transport
+            if transport is None:
+                raise ConnectionError("the broker connection is down")
+            connection, channel = transport.connection, None
+            while self._reply_channels and channel is None:
+                idle = self._reply_channels.pop()
+                if not idle.is_closed and idle.connection is connection:
+                    channel = idle
+            if channel is None:
+                channel = await connection.channel(publisher_confirms=True)
+            kept = False
+            try:
+                yield channel
+                kept = True
+            except DeliveryError:
+                kept = True
+                raise
+            finally:
+                if kept and not channel.is_closed:
+                    self._reply_channels.append(channel)
+                elif not channel.is_closed:
+                    await channel.close()
 
     async def _reply_elsewhere(
         self, reply_to: str, node: str, body: bytes, properties: spec.Basic.Properties
