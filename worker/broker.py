@@ -98,7 +98,7 @@ NODE_DOWN_FOR = 10.0
 NODES_DOWN_KEPT = 1024
 # Replies of the current connection go out on at most this many channels, one reply in flight on
 # each (see Broker._reply_channel); a reply waits for one of them to be free.
-REPLY_CHANNELS = 32
+REPLY_CHANNELS = 64
 
 
 @dataclass(frozen=True, slots=True)
