@@ -30,7 +30,9 @@ from tests.support.smtp_servers import (
 )
 from tests.support.tenants import BIG_LIMITS
 from tests.support.world import World, configure
+from worker.errors import CommitUnknown
 from worker.mail.relay import NO_CONNECTION
+from worker.store import emails as store_emails
 from worker.store.tables import emails
 
 ATTEMPTS = 3  # len(RETRY_DELAYS) + 1
@@ -360,7 +362,11 @@ async def test_email_leased_elsewhere_is_looked_at_again_without_retry_delays(
         await conn.execute(
             update(emails)
             .where(emails.c.id == email_id)
-            .values(status="pending", lease_until=datetime.now(UTC) + timedelta(hours=1))
+            .values(
+                status="pending",
+                lease_until=datetime.now(UTC) + timedelta(hours=1),
+                lease_holder="another worker",
+            )
         )
     seen = len(log_lines())
 
@@ -376,6 +382,38 @@ async def test_email_leased_elsewhere_is_looked_at_again_without_retry_delays(
     assert ["busy"] == [
         found for line in log_lines(seen) if (found := _outcome(line, email_id)) is not None
     ][:1]
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_an_email_whose_claim_answer_was_lost_is_sent_at_once_not_after_its_lease(
+    env: Env, smtp: SmtpServer, monkeypatch: pytest.MonkeyPatch
+):
+    """The store took the lease, but its answer never came back (on PostgreSQL the claim's
+    UPDATE commits on its own): the claim's retry finds the email under this worker's own lease
+    and takes it, rather than leaving it, busy, until the lease runs out a minute later."""
+    real_claim = store_emails.claim
+    lost: list[str] = []
+
+    async def answer_lost_once(conn: Any, ids: Any, *args: Any, **kwargs: Any) -> Any:
+        taken = await real_claim(conn, ids, *args, **kwargs)
+        if taken and not lost:
+            lost.extend(taken)
+            raise CommitUnknown("the store became unavailable during a statement")
+        return taken
+
+    monkeypatch.setattr(store_emails, "claim", answer_lost_once)
+    world = await configure(env, smtp)
+    seen = len(log_lines())
+
+    sid = await world.new_ticket()
+
+    await outcome(world, "email.sent")
+    (email_id,) = await world.email_ids(sid)
+    assert [email_id] == lost
+    assert ["sent"] == [
+        found for line in log_lines(seen) if (found := _outcome(line, email_id)) is not None
+    ]
+    assert 1 == len(smtp.messages)
 
 
 def _outcome(line: str, email_id: str) -> str | None:

@@ -58,6 +58,35 @@ async def test_an_owner_is_found_by_its_token_hash_only(store: Store) -> None:
     assert KEYRING.verify(token, stored)
 
 
+async def test_a_claim_takes_an_email_again_under_its_own_holders_lease_only(store: Store) -> None:
+    """A worker whose claim's answer was lost claims the email again at once; no other can."""
+    async with store.transaction() as conn:
+        owner_id, _ = await owners.create(conn, KEYRING, "acme", NOW)
+        await _ticket(conn, owner_id)
+        await emails.add(
+            conn,
+            email_id="e1",
+            owner_id=owner_id,
+            sid="t1",
+            seq=None,
+            domain="example.com",
+            recipients=["ops@example.com"],
+            now=NOW,
+        )
+        first = (await emails.claim(conn, ["e1"], NOW, LEASE, "worker-a")).keys()
+        by_another = await emails.claim(conn, ["e1"], NOW, LEASE, "worker-b")
+        by_none = await emails.claim(conn, ["e1"], NOW, LEASE)
+        again = (await emails.claim(conn, ["e1"], NOW, LEASE, "worker-a")).keys()
+        e1 = (await emails.get_many(conn, ["e1"]))["e1"]
+        await emails.record(conn, [emails.State(e1, "pending", 1, "421 busy")], NOW)
+        # Recorded, the lease is free and names no holder: anyone may take it.
+        after_record = (await emails.claim(conn, ["e1"], NOW, LEASE, "worker-b")).keys()
+        by_the_first = await emails.claim(conn, ["e1"], NOW, LEASE, "worker-a")
+
+    assert ({"e1"}, {}, {}, {"e1"}) == (first, by_another, by_none, again)
+    assert ({"e1"}, {}) == (after_record, by_the_first)
+
+
 async def test_emails_are_claimed_once_under_a_lease_and_their_state_reaches_the_ticket(
     store: Store,
 ) -> None:

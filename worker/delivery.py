@@ -19,6 +19,8 @@ crash); its outcome event is published again instead, since the crash may have l
 
 from __future__ import annotations
 
+import secrets
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -80,6 +82,9 @@ MAX_WAITING_TOTAL = 128
 CLAIMS_BATCH = 64
 RECORDS_BATCH = 64
 RECORD_RETRIES = 5
+# The emails held in-process are swept of those whose lease ran out (their record failed) once
+# there are more than this many.
+HELD_SWEPT_PAST = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +129,10 @@ class DeliveryConsumer(Consumer):
             self._claim_all, size=CLAIMS_BATCH, runners=writers
         )
         self.pool = SmtpPool(max_per_relay=CONNECTIONS_PER_RELAY)
+        # This consumer's name on the leases it takes, and the emails it claims or sends now,
+        # each until when (time.monotonic()): see _hold.
+        self._holder = secrets.token_urlsafe(16)
+        self._held: dict[str, float] = {}
         self.gate = Gate(
             PARK_DELAYS,
             max_waiting=MAX_WAITING,
@@ -288,21 +297,30 @@ class DeliveryConsumer(Consumer):
         one's own reading of the emails (pending, not leased), which also gives their attempts
         as they are then (another worker may have recorded one since the first one read)."""
         now = max(claim.now for claim in claims)
+        asked = self._hold(claims)
         found: list[_Claimed | Exception] = []
-        async with self.store.statements(urgent=True) as conn:
-            rows = await emails.to_send(conn, {claim.email_id for claim in claims})
-            wanted: set[str] = set()
-            for claim in claims:
-                if claim.email_id in wanted:
-                    # Twice in one batch (a parked copy and its redelivered original): the first
-                    # one sends it.
-                    found.append("busy")
-                    continue
-                outcome = self._claimable(rows.get(claim.email_id))
-                if isinstance(outcome, _Taken):
-                    wanted.add(claim.email_id)
-                found.append(outcome)
-            taken = await emails.claim(conn, wanted, now, LEASE)
+        taken: dict[str, Row[Any]] = {}
+        try:
+            async with self.store.statements(urgent=True) as conn:
+                rows = await emails.to_send(conn, asked)
+                wanted: set[str] = set()
+                for claim in claims:
+                    if claim.email_id not in asked or claim.email_id in wanted:
+                        # This worker claims or sends it already (a parked copy and its
+                        # redelivered original): that one sends it.
+                        found.append("busy")
+                        continue
+                    outcome = self._claimable(rows.get(claim.email_id))
+                    if isinstance(outcome, _Taken):
+                        wanted.add(claim.email_id)
+                    found.append(outcome)
+                claimed = await emails.claim(conn, wanted, now, LEASE, self._holder)
+            taken = claimed  # committed
+        finally:
+            # Held on only while taken. A claim that failed may have taken its leases all the
+            # same (its answer lost): the store retry's claim takes them again, as their holder.
+            for email_id in asked - taken.keys():
+                self._held.pop(email_id, None)
         for index, outcome in enumerate(found):
             if not isinstance(outcome, _Taken):
                 continue
@@ -314,6 +332,22 @@ class DeliveryConsumer(Consumer):
                 continue
             found[index] = _Taken(emails.as_taken(outcome.email, now_taken), outcome.relay)
         return found
+
+    def _hold(self, claims: list[_Claim]) -> set[str]:
+        """The emails of `claims` this worker is neither claiming nor sending, now marked as
+        held by it: before the claim's first await, so that a claim running meanwhile leaves
+        them alone. The store's lease keeps other workers off them, but not this one, whose
+        claims take an email under their own holder's lease again (emails.claim). An email whose
+        record failed stays held until its lease runs out, as the store holds it."""
+        now = time.monotonic()
+        if len(self._held) > HELD_SWEPT_PAST:
+            self._held = {email_id: end for email_id, end in self._held.items() if end > now}
+        asked: set[str] = set()
+        for claim in claims:
+            if self._held.get(claim.email_id, now) <= now:
+                self._held[claim.email_id] = now + LEASE.total_seconds()
+                asked.add(claim.email_id)
+        return asked
 
     def _claimable(self, email: Row[Any] | None) -> _Claimed | Exception:
         """What a claim of `email`, as read, finds: the email to take, else why not."""
@@ -350,6 +384,8 @@ class DeliveryConsumer(Consumer):
                         raise
 
         await STORE_RETRY.run(write)
+        # Its lease is free: the next job of this email may claim it.
+        self._held.pop(email.id, None)
 
     async def _record_all(self, writes: list[emails.State]) -> list[None]:
         # By ticket, each one's in the order they came: two batches never wait on each other's

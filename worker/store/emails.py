@@ -76,9 +76,15 @@ _CLAIM = (
         # redelivered original) may have sent it since it was read, and a sent email's lease
         # is free.
         emails.c.status == "pending",
-        or_(emails.c.lease_until.is_(None), emails.c.lease_until < bindparam("now")),
+        or_(
+            emails.c.lease_until.is_(None),
+            emails.c.lease_until < bindparam("now"),
+            # The holder's own lease: its claim took it, but the answer was lost (a NULL holder
+            # matches nothing).
+            emails.c.lease_holder == bindparam("holder"),
+        ),
     )
-    .values(lease_until=bindparam("lease_until"))
+    .values(lease_until=bindparam("lease_until"), lease_holder=bindparam("holder"))
     # The email as taken: a record by another worker may have come since it was read.
     .returning(emails.c.id, emails.c.attempts, emails.c.last_error)
 )
@@ -89,7 +95,7 @@ _RECORD_ALL = text(
     WITH recorded AS (
         UPDATE emails
         SET status = state.status, attempts = state.attempts, last_error = state.last_error,
-            lease_until = NULL, updated_at = :now
+            lease_until = NULL, lease_holder = NULL, updated_at = :now
         FROM unnest(
             CAST(:ids AS VARCHAR[]), CAST(:statuses AS VARCHAR[]),
             CAST(:attempts AS INTEGER[]), CAST(:errors AS TEXT[])
@@ -111,7 +117,7 @@ _RECORD = (
     .where(emails.c.id == bindparam("email_id"))
     .values(
         {key: bindparam(f"new_{key}") for key in ("status", "attempts", "last_error")}
-        | {"lease_until": None, "updated_at": bindparam("now")}
+        | {"lease_until": None, "lease_holder": None, "updated_at": bindparam("now")}
     )
 )
 
@@ -141,6 +147,7 @@ async def add(
         "status": "pending",
         "attempts": 0,
         "lease_until": None,
+        "lease_holder": None,
         "last_error": None,
         "created_at": now,
         "updated_at": now,
@@ -168,13 +175,19 @@ async def get_many(conn: AsyncConnection, ids: Sequence[str]) -> dict[str, Row[A
 
 
 async def claim(
-    conn: AsyncConnection, ids: Collection[str], now: datetime, lease: timedelta
+    conn: AsyncConnection,
+    ids: Collection[str],
+    now: datetime,
+    lease: timedelta,
+    holder: str | None = None,
 ) -> dict[str, Row[Any]]:
-    """Takes a lease of `lease` on every email among `ids` that is pending and not leased;
-    returns those it took, by id, as they are now (`attempts`, `last_error`)."""
+    """Takes a lease of `lease` on every email among `ids` that is pending and not leased, or
+    leased by `holder` (a claim of its own whose answer was lost: the holder must not ask again
+    while it still sends one); returns those it took, by id, as they are now (`attempts`,
+    `last_error`)."""
     if not ids:
         return {}
-    params = {"ids": sorted(ids), "now": now, "lease_until": now + lease}
+    params = {"ids": sorted(ids), "now": now, "lease_until": now + lease, "holder": holder}
     return {row.id: row for row in await hot.rows(conn, _CLAIM, params)}
 
 

@@ -177,8 +177,10 @@ emails = Table(
     Column("status", String(16), nullable=False),
     _counter("attempts"),
     Column("last_error", Text),
-    # While one worker sends, others leave the email alone until the lease runs out.
+    # While one worker sends, others leave the email alone until the lease runs out. Who holds
+    # it: a worker whose claim's answer was lost takes it again at once (worker.delivery).
     Column("lease_until", UtcDateTime),
+    Column("lease_holder", String(64)),
     *_timestamps(),
 )
 
