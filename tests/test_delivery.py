@@ -416,6 +416,48 @@ async def test_an_email_whose_claim_answer_was_lost_is_sent_at_once_not_after_it
     assert 1 == len(smtp.messages)
 
 
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_claim_overtaken_by_another_copy_of_its_job_leaves_the_email_to_it(
+    env: Env, smtp: SmtpServer, monkeypatch: pytest.MonkeyPatch
+):
+    """Two claims of one email at once in one worker (a parked copy of its job and the job
+    redelivered; PostgreSQL runs two claims at a time): the one whose UPDATE comes second, however
+    long it took, finds the email leased in a name it does not know, and leaves it."""
+    real_claim = store_emails.claim
+    first_waiting, first_may_go = asyncio.Event(), asyncio.Event()
+    taken: list[set[str]] = []
+
+    async def first_one_slow(conn: Any, ids: Any, *args: Any, **kwargs: Any) -> Any:
+        first = not first_waiting.is_set()
+        if first:
+            first_waiting.set()
+            await first_may_go.wait()
+        claimed = await real_claim(conn, ids, *args, **kwargs)
+        taken.append(set(claimed))
+        return claimed
+
+    monkeypatch.setattr(store_emails, "claim", first_one_slow)
+    world = await configure(env, smtp)
+    sid = await world.new_ticket()
+    (email_id,) = await world.email_ids(sid)
+    await asyncio.wait_for(first_waiting.wait(), 10)
+
+    await env.client.channel.default_exchange.publish(
+        aio_pika.Message(json.dumps({"email_id": email_id}).encode()),
+        routing_key=env.client.names.deliveries,
+    )
+    await outcome(world, "email.sent")
+    first_may_go.set()
+
+    async def both_claimed() -> bool:
+        return len(taken) == 2
+
+    await eventually(both_claimed)
+    assert [{email_id}, set()] == taken
+    await asyncio.sleep(0.5)  # what the first one would send, were it to send
+    assert 1 == len(smtp.messages)
+
+
 def _outcome(line: str, email_id: str) -> str | None:
     record = json.loads(line)
     if (record.get("event"), record.get("email_id")) != ("email.processed", email_id):

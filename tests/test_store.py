@@ -58,8 +58,10 @@ async def test_an_owner_is_found_by_its_token_hash_only(store: Store) -> None:
     assert KEYRING.verify(token, stored)
 
 
-async def test_a_claim_takes_an_email_again_under_its_own_holders_lease_only(store: Store) -> None:
-    """A worker whose claim's answer was lost claims the email again at once; no other can."""
+async def test_a_claim_takes_an_email_again_only_in_a_name_its_earlier_tries_took_it_in(
+    store: Store,
+) -> None:
+    """A claim whose answer was lost takes the email again on its retry; no other claim can."""
     async with store.transaction() as conn:
         owner_id, _ = await owners.create(conn, KEYRING, "acme", NOW)
         await _ticket(conn, owner_id)
@@ -73,17 +75,20 @@ async def test_a_claim_takes_an_email_again_under_its_own_holders_lease_only(sto
             recipients=["ops@example.com"],
             now=NOW,
         )
-        first = (await emails.claim(conn, ["e1"], NOW, LEASE, "worker-a")).keys()
-        by_another = await emails.claim(conn, ["e1"], NOW, LEASE, "worker-b")
+        first = (await emails.claim(conn, ["e1"], NOW, LEASE, "try-1")).keys()
+        by_another = await emails.claim(conn, ["e1"], NOW, LEASE, "try-2", ["try-0"])
         by_none = await emails.claim(conn, ["e1"], NOW, LEASE)
-        again = (await emails.claim(conn, ["e1"], NOW, LEASE, "worker-a")).keys()
+        retried = (await emails.claim(conn, ["e1"], NOW, LEASE, "try-3", ["try-1"])).keys()
+        retried_again = (await emails.claim(conn, ["e1"], NOW, LEASE, "try-4", ["try-3"])).keys()
+        by_a_stale_name = await emails.claim(conn, ["e1"], NOW, LEASE, "try-5", ["try-1"])
         e1 = (await emails.get_many(conn, ["e1"]))["e1"]
         await emails.record(conn, [emails.State(e1, "pending", 1, "421 busy")], NOW)
-        # Recorded, the lease is free and names no holder: anyone may take it.
-        after_record = (await emails.claim(conn, ["e1"], NOW, LEASE, "worker-b")).keys()
-        by_the_first = await emails.claim(conn, ["e1"], NOW, LEASE, "worker-a")
+        # Recorded, the lease is free and in no name: any claim takes it, and then no other.
+        after_record = (await emails.claim(conn, ["e1"], NOW, LEASE, "try-6")).keys()
+        by_the_first = await emails.claim(conn, ["e1"], NOW, LEASE, "try-7", ["try-4"])
 
-    assert ({"e1"}, {}, {}, {"e1"}) == (first, by_another, by_none, again)
+    assert ({"e1"}, {}, {}) == (first, by_another, by_none)
+    assert ({"e1"}, {"e1"}, {}) == (retried, retried_again, by_a_stale_name)
     assert ({"e1"}, {}) == (after_record, by_the_first)
 
 

@@ -20,8 +20,7 @@ crash); its outcome event is published again instead, since the crash may have l
 from __future__ import annotations
 
 import secrets
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -82,9 +81,6 @@ MAX_WAITING_TOTAL = 128
 CLAIMS_BATCH = 64
 RECORDS_BATCH = 64
 RECORD_RETRIES = 5
-# The emails held in-process are swept of those whose lease ran out (their record failed) once
-# there are more than this many.
-HELD_SWEPT_PAST = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,10 +96,12 @@ class Job:
 
 @dataclass(frozen=True, slots=True)
 class _Claim:
-    """An email to claim for sending."""
+    """An email to claim for sending; `holders`, the names its earlier tries took leases in
+    (their answers lost), to which each try adds its own."""
 
     email_id: str
     now: datetime
+    holders: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,10 +127,6 @@ class DeliveryConsumer(Consumer):
             self._claim_all, size=CLAIMS_BATCH, runners=writers
         )
         self.pool = SmtpPool(max_per_relay=CONNECTIONS_PER_RELAY)
-        # This consumer's name on the leases it takes, and the emails it claims or sends now,
-        # each until when (time.monotonic()): see _hold.
-        self._holder = secrets.token_urlsafe(16)
-        self._held: dict[str, float] = {}
         self.gate = Gate(
             PARK_DELAYS,
             max_waiting=MAX_WAITING,
@@ -198,7 +192,9 @@ class DeliveryConsumer(Consumer):
     async def _deliver(self, delivery: DeliveryJob, redelivered: bool, turn: Turn) -> EmailOutcome:
         now = datetime.now(UTC)
         email_id = delivery.email_id
-        job = await STORE_RETRY.run(self._claim, email_id, now)
+        # What a try of the claim took, its retries may take again: its answer may be lost.
+        holders: list[str] = []
+        job = await STORE_RETRY.run(self._claim, email_id, now, holders)
         if isinstance(job, EmailOutcome):  # failed for good before it could be sent
             return job
         if isinstance(job, str):
@@ -239,12 +235,12 @@ class DeliveryConsumer(Consumer):
         return await self._finish(job, "sent", None, permanent=False)
 
     async def _claim(
-        self, email_id: str, now: datetime
+        self, email_id: str, now: datetime, holders: list[str]
     ) -> Job | Unclaimed | EmailOutcome | Row[Any]:
         """Takes the email for sending, or says why not (`done`, `busy`, `missing`, or
         `saturated`: its relay, shared with another domain, has no free connection); the
         email's row when it was sent or failed before; FAILED when it cannot be composed."""
-        claimed = await self._claims.submit(_Claim(email_id, now))
+        claimed = await self._claims.submit(_Claim(email_id, now, holders))
         if not isinstance(claimed, _Taken):
             return claimed
         email, relay = claimed.email, claimed.relay
@@ -295,32 +291,32 @@ class DeliveryConsumer(Consumer):
         """Claims these emails (see _claim): a statement to read them all, one to take the leases
         of those to send now. They need no transaction together: the lease is taken by the second
         one's own reading of the emails (pending, not leased), which also gives their attempts
-        as they are then (another worker may have recorded one since the first one read)."""
+        as they are then (another worker may have recorded one since the first one read).
+
+        The leases are taken in a name of this try's own: when the answer to its UPDATE is lost
+        (it may have committed), the store retry's try of each claim takes its email again in
+        that name, rather than leaving it, leased by no one it knows, for a minute. No other
+        claim, in this worker or another, knows the name."""
         now = max(claim.now for claim in claims)
-        asked = self._hold(claims)
+        holder = secrets.token_urlsafe(12)
+        earlier = {name for claim in claims for name in claim.holders}
+        for claim in claims:
+            claim.holders.append(holder)
         found: list[_Claimed | Exception] = []
-        taken: dict[str, Row[Any]] = {}
-        try:
-            async with self.store.statements(urgent=True) as conn:
-                rows = await emails.to_send(conn, asked)
-                wanted: set[str] = set()
-                for claim in claims:
-                    if claim.email_id not in asked or claim.email_id in wanted:
-                        # This worker claims or sends it already (a parked copy and its
-                        # redelivered original): that one sends it.
-                        found.append("busy")
-                        continue
-                    outcome = self._claimable(rows.get(claim.email_id))
-                    if isinstance(outcome, _Taken):
-                        wanted.add(claim.email_id)
-                    found.append(outcome)
-                claimed = await emails.claim(conn, wanted, now, LEASE, self._holder)
-            taken = claimed  # committed
-        finally:
-            # Held on only while taken. A claim that failed may have taken its leases all the
-            # same (its answer lost): the store retry's claim takes them again, as their holder.
-            for email_id in asked - taken.keys():
-                self._held.pop(email_id, None)
+        async with self.store.statements(urgent=True) as conn:
+            rows = await emails.to_send(conn, {claim.email_id for claim in claims})
+            wanted: set[str] = set()
+            for claim in claims:
+                if claim.email_id in wanted:
+                    # Twice in one batch (a parked copy and its redelivered original): the first
+                    # one sends it.
+                    found.append("busy")
+                    continue
+                outcome = self._claimable(rows.get(claim.email_id))
+                if isinstance(outcome, _Taken):
+                    wanted.add(claim.email_id)
+                found.append(outcome)
+            taken = await emails.claim(conn, wanted, now, LEASE, holder, earlier)
         for index, outcome in enumerate(found):
             if not isinstance(outcome, _Taken):
                 continue
@@ -332,22 +328,6 @@ class DeliveryConsumer(Consumer):
                 continue
             found[index] = _Taken(emails.as_taken(outcome.email, now_taken), outcome.relay)
         return found
-
-    def _hold(self, claims: list[_Claim]) -> set[str]:
-        """The emails of `claims` this worker is neither claiming nor sending, now marked as
-        held by it: before the claim's first await, so that a claim running meanwhile leaves
-        them alone. The store's lease keeps other workers off them, but not this one, whose
-        claims take an email under their own holder's lease again (emails.claim). An email whose
-        record failed stays held until its lease runs out, as the store holds it."""
-        now = time.monotonic()
-        if len(self._held) > HELD_SWEPT_PAST:
-            self._held = {email_id: end for email_id, end in self._held.items() if end > now}
-        asked: set[str] = set()
-        for claim in claims:
-            if self._held.get(claim.email_id, now) <= now:
-                self._held[claim.email_id] = now + LEASE.total_seconds()
-                asked.add(claim.email_id)
-        return asked
 
     def _claimable(self, email: Row[Any] | None) -> _Claimed | Exception:
         """What a claim of `email`, as read, finds: the email to take, else why not."""
@@ -384,8 +364,6 @@ class DeliveryConsumer(Consumer):
                         raise
 
         await STORE_RETRY.run(write)
-        # Its lease is free: the next job of this email may claim it.
-        self._held.pop(email.id, None)
 
     async def _record_all(self, writes: list[emails.State]) -> list[None]:
         # By ticket, each one's in the order they came: two batches never wait on each other's

@@ -79,9 +79,9 @@ _CLAIM = (
         or_(
             emails.c.lease_until.is_(None),
             emails.c.lease_until < bindparam("now"),
-            # The holder's own lease: its claim took it, but the answer was lost (a NULL holder
-            # matches nothing).
-            emails.c.lease_holder == bindparam("holder"),
+            # A lease the claim's earlier tries took, their answers lost (a NULL holder is
+            # in no list).
+            emails.c.lease_holder.in_(bindparam("earlier", expanding=True)),
         ),
     )
     .values(lease_until=bindparam("lease_until"), lease_holder=bindparam("holder"))
@@ -180,14 +180,22 @@ async def claim(
     now: datetime,
     lease: timedelta,
     holder: str | None = None,
+    earlier: Collection[str] = (),
 ) -> dict[str, Row[Any]]:
-    """Takes a lease of `lease` on every email among `ids` that is pending and not leased, or
-    leased by `holder` (a claim of its own whose answer was lost: the holder must not ask again
-    while it still sends one); returns those it took, by id, as they are now (`attempts`,
-    `last_error`)."""
+    """Takes a lease of `lease`, in the name `holder`, on every email among `ids` that is
+    pending and not leased, or leased in one of the names of `earlier`: the claim's own tries
+    whose answers were lost (names no other claim knows); returns those it took, by id, as
+    they are now (`attempts`, `last_error`)."""
     if not ids:
         return {}
-    params = {"ids": sorted(ids), "now": now, "lease_until": now + lease, "holder": holder}
+    params = {
+        "ids": sorted(ids),
+        "now": now,
+        "lease_until": now + lease,
+        "holder": holder,
+        # Never an empty list: no lease is in the name "".
+        "earlier": sorted(earlier) or [""],
+    }
     return {row.id: row for row in await hot.rows(conn, _CLAIM, params)}
 
 
