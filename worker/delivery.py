@@ -96,8 +96,8 @@ class Job:
 
 @dataclass(frozen=True, slots=True)
 class _Claim:
-    """An email to claim for sending; `holders`, the names its earlier tries took leases in
-    (their answers lost), to which each try adds its own."""
+    """An email to claim for sending; `holders`, the names of its earlier tries, which failed,
+    and may have taken their leases all the same (their answers lost)."""
 
     email_id: str
     now: datetime
@@ -190,11 +190,11 @@ class DeliveryConsumer(Consumer):
         return EmailOutcome.PARKED
 
     async def _deliver(self, delivery: DeliveryJob, redelivered: bool, turn: Turn) -> EmailOutcome:
-        now = datetime.now(UTC)
         email_id = delivery.email_id
-        # What a try of the claim took, its retries may take again: its answer may be lost.
+        # The names of the claim's tries that failed: what they took (their answers lost), its
+        # next tries may take again.
         holders: list[str] = []
-        job = await STORE_RETRY.run(self._claim, email_id, now, holders)
+        job = await STORE_RETRY.run(self._claim, email_id, holders)
         if isinstance(job, EmailOutcome):  # failed for good before it could be sent
             return job
         if isinstance(job, str):
@@ -235,12 +235,13 @@ class DeliveryConsumer(Consumer):
         return await self._finish(job, "sent", None, permanent=False)
 
     async def _claim(
-        self, email_id: str, now: datetime, holders: list[str]
+        self, email_id: str, holders: list[str]
     ) -> Job | Unclaimed | EmailOutcome | Row[Any]:
         """Takes the email for sending, or says why not (`done`, `busy`, `missing`, or
         `saturated`: its relay, shared with another domain, has no free connection); the
         email's row when it was sent or failed before; FAILED when it cannot be composed."""
-        claimed = await self._claims.submit(_Claim(email_id, now, holders))
+        # Each try leases from its own start: a retry's lease is as long as the first one's.
+        claimed = await self._claims.submit(_Claim(email_id, datetime.now(UTC), holders))
         if not isinstance(claimed, _Taken):
             return claimed
         email, relay = claimed.email, claimed.relay
@@ -293,30 +294,36 @@ class DeliveryConsumer(Consumer):
         one's own reading of the emails (pending, not leased), which also gives their attempts
         as they are then (another worker may have recorded one since the first one read).
 
-        The leases are taken in a name of this try's own: when the answer to its UPDATE is lost
-        (it may have committed), the store retry's try of each claim takes its email again in
-        that name, rather than leaving it, leased by no one it knows, for a minute. No other
-        claim, in this worker or another, knows the name."""
+        The leases are taken in a name of this try's own. When the try fails, its UPDATE may have
+        committed all the same (its answer lost): the name goes to each of its claims, whose next
+        try takes its email again in it, rather than leaving it, leased by no one it knows, for a
+        minute. No other claim, in this worker or another, knows the name, and the name of a try
+        that did not fail goes to none: its emails are being sent."""
         now = max(claim.now for claim in claims)
         holder = secrets.token_urlsafe(12)
+        # Names of failed tries only, whose claims all failed with them: an email leased in one
+        # of them has no sender, and whichever claim takes it first renames it.
         earlier = {name for claim in claims for name in claim.holders}
-        for claim in claims:
-            claim.holders.append(holder)
         found: list[_Claimed | Exception] = []
-        async with self.store.statements(urgent=True) as conn:
-            rows = await emails.to_send(conn, {claim.email_id for claim in claims})
-            wanted: set[str] = set()
+        try:
+            async with self.store.statements(urgent=True) as conn:
+                rows = await emails.to_send(conn, {claim.email_id for claim in claims})
+                wanted: set[str] = set()
+                for claim in claims:
+                    if claim.email_id in wanted:
+                        # Twice in one batch (a parked copy and its redelivered original): the
+                        # first one sends it.
+                        found.append("busy")
+                        continue
+                    outcome = self._claimable(rows.get(claim.email_id))
+                    if isinstance(outcome, _Taken):
+                        wanted.add(claim.email_id)
+                    found.append(outcome)
+                taken = await emails.claim(conn, wanted, now, LEASE, holder, earlier)
+        except BaseException:
             for claim in claims:
-                if claim.email_id in wanted:
-                    # Twice in one batch (a parked copy and its redelivered original): the first
-                    # one sends it.
-                    found.append("busy")
-                    continue
-                outcome = self._claimable(rows.get(claim.email_id))
-                if isinstance(outcome, _Taken):
-                    wanted.add(claim.email_id)
-                found.append(outcome)
-            taken = await emails.claim(conn, wanted, now, LEASE, holder, earlier)
+                claim.holders.append(holder)
+            raise
         for index, outcome in enumerate(found):
             if not isinstance(outcome, _Taken):
                 continue
