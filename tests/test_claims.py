@@ -17,11 +17,11 @@ from typing import Any, cast
 import pytest
 
 from tests.support.environment import make_settings
-from tests.test_store import KEYRING, NOW, _ticket
+from tests.test_store import KEYRING, NOW, _email, _ticket
 from worker.delivery import DeliveryConsumer, _Claim, _Taken
 from worker.errors import CommitUnknown
 from worker.outcomes import Parts
-from worker.store import Store, emails, migrate, owners
+from worker.store import Store, migrate, owners
 
 
 @pytest.fixture
@@ -35,16 +35,7 @@ async def consumer(tmp_path: Path) -> AsyncIterator[DeliveryConsumer]:
         owner_id, _ = await owners.create(conn, KEYRING, "acme", NOW)
         await _ticket(conn, owner_id)
         for email_id in ("x", "y"):
-            await emails.add(
-                conn,
-                email_id=email_id,
-                owner_id=owner_id,
-                sid="t1",
-                seq=None,
-                domain="example.com",
-                recipients=["ops@example.com"],
-                now=NOW,
-            )
+            await _email(conn, owner_id, email_id)
     settings = make_settings("amqp://unused/", url)
     unused = cast(Any, None)
     yield DeliveryConsumer(Parts(settings, store, unused, KEYRING, unused))

@@ -49,6 +49,26 @@ async def _ticket(conn: Connection, owner_id: str, sid: str = "t1") -> None:
     )
 
 
+async def _email(
+    conn: Connection,
+    owner_id: str,
+    email_id: str,
+    seq: int | None = None,
+    domain: str = "example.com",
+) -> None:
+    """A pending email of ticket t1, to ops@example.com."""
+    await emails.add(
+        conn,
+        email_id=email_id,
+        owner_id=owner_id,
+        sid="t1",
+        seq=seq,
+        domain=domain,
+        recipients=["ops@example.com"],
+        now=NOW,
+    )
+
+
 async def test_an_owner_is_found_by_its_token_hash_only(store: Store) -> None:
     async with store.transaction() as conn:
         owner_id, token = await owners.create(conn, KEYRING, "acme", NOW)
@@ -65,16 +85,7 @@ async def test_a_claim_takes_an_email_again_only_in_a_name_its_earlier_tries_too
     async with store.transaction() as conn:
         owner_id, _ = await owners.create(conn, KEYRING, "acme", NOW)
         await _ticket(conn, owner_id)
-        await emails.add(
-            conn,
-            email_id="e1",
-            owner_id=owner_id,
-            sid="t1",
-            seq=None,
-            domain="example.com",
-            recipients=["ops@example.com"],
-            now=NOW,
-        )
+        await _email(conn, owner_id, "e1")
         first = (await emails.claim(conn, ["e1"], NOW, LEASE, "try-1")).keys()
         by_another = await emails.claim(conn, ["e1"], NOW, LEASE, "try-2", ["try-0"])
         by_none = await emails.claim(conn, ["e1"], NOW, LEASE)
@@ -99,16 +110,7 @@ async def test_emails_are_claimed_once_under_a_lease_and_their_state_reaches_the
         owner_id, _ = await owners.create(conn, KEYRING, "acme", NOW)
         await _ticket(conn, owner_id)
         for email_id, seq in (("e1", None), ("e2", 1)):
-            await emails.add(
-                conn,
-                email_id=email_id,
-                owner_id=owner_id,
-                sid="t1",
-                seq=seq,
-                domain="example.com",
-                recipients=["ops@example.com"],
-                now=NOW,
-            )
+            await _email(conn, owner_id, email_id, seq)
         assert {"e1", "e2"} == (await emails.claim(conn, ["e1", "e2", "e3"], NOW, LEASE)).keys()
         assert {} == await emails.claim(conn, ["e1", "e2"], NOW, LEASE)
         # A lease past its end is free again.
@@ -194,16 +196,7 @@ async def test_an_email_to_send_comes_with_its_ticket_settings_prefix_and_hit_in
             ("e2", seq, "example.com"),
             ("e3", seq + 1, "gone.example.com"),  # a hit pruned, a domain without settings
         ):
-            await emails.add(
-                conn,
-                email_id=email_id,
-                owner_id=owner_id,
-                sid="t1",
-                seq=email_seq,
-                domain=domain,
-                recipients=["ops@example.com"],
-                now=NOW,
-            )
+            await _email(conn, owner_id, email_id, email_seq, domain)
         found = await emails.to_send(conn, ["e1", "e2", "e3", "e4"])
         claimed = [(await emails.claim(conn, ["e1"], NOW, LEASE)).keys() for _ in range(2)]
 
