@@ -20,7 +20,9 @@ import pytest
 
 from tests.support.client import Client
 from tests.support.environment import Env
-from tests.support.smtp_servers import SmtpServer
+from tests.support.payloads import email_settings
+from tests.support.smtp_servers import SmtpServer, silent_port
+from tests.support.tenants import unique_domain
 from tests.support.world import configure
 from worker.handlers.base import Context
 
@@ -178,6 +180,38 @@ async def test_a_repeat_of_another_type_is_a_conflict_and_changes_nothing(env: E
     assert await user_names(env.client, owner) == [name]
     # The first command's record stands: its repeat still gets its own reply.
     assert json.loads(await send(env.client, add_user_body(owner), "one-id")) == added
+
+
+async def test_a_relay_probe_whose_message_id_another_type_took_meanwhile_is_a_conflict(
+    env: Env,
+) -> None:
+    """A relay probe is answered, and recorded, once its relay has answered (contract 6): a
+    command of another type that reused its message_id meanwhile is recorded first. The probe is
+    then a Conflict, as any repeat of another type is, not that command's reply."""
+    owner = await env.new_owner()
+    domain = unique_domain()
+    test = body_of("settings.email.test", owner, {"domain": domain})
+    get = body_of("settings.email.get", owner, {"domain": domain})
+    with silent_port() as port:
+        options = {"host": "127.0.0.1", "port": port, "starttls": "never", "timeout": 2}
+        await env.client.ok("settings.email.create", owner, email_settings(domain, **options))
+        probed = await env.client.publish(
+            test, "settings.email.test", message_id="probe-id", correlation_id="probe"
+        )
+        assert probed is not None
+        await asyncio.sleep(0.5)  # the probe waits for its silent relay, 2 s
+
+        got = json.loads(await send(env.client, get, "probe-id", "settings.email.get"))
+        refused = json.loads((await asyncio.wait_for(probed, 20)).body)
+
+    assert ("success", "settings.email.get") == (got["status"], got["type"])
+    assert ("error", "settings.email.test", "Conflict") == (
+        refused["status"],
+        refused["type"],
+        refused["error"]["name"],
+    )
+    # The first command's record stands: its repeat still gets its own reply.
+    assert got == json.loads(await send(env.client, get, "probe-id", "settings.email.get"))
 
 
 async def test_an_smtp_user_reusing_its_owners_message_id_gets_its_own_answer(

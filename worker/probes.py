@@ -38,7 +38,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from schemas import COMMANDS
 from worker.broker import PARK_DELAYS, settle
-from worker.consumer import Meta, _returned, error_reply, success_reply
+from worker.consumer import Meta, _MessageIdReused, _returned, error_reply, success_reply
 from worker.errors import (
     GENERAL_ERROR_MESSAGE,
     BrokerUnavailable,
@@ -69,6 +69,14 @@ class _Answer:
     status: str
     effects: list[Effect]
     recorded: bool = False  # found recorded: another job (or this one, before) answered first
+
+
+def _refusal(job: ProbeJob, exc: CommandError, now: datetime) -> _Answer:
+    """The probe's command refused as `exc` says: its error reply and `command.failed`."""
+    reply = error_reply(job.type, job.message_id, exc.name, exc.message, exc.details)
+    error = {"name": exc.name, "message": exc.message, "details": exc.details}
+    event = command_failed(job.type, job.message_id, job.owner_id, now, error)
+    return _Answer(reply, "error", [event])
 
 
 class ProbeConsumer(Consumer):
@@ -171,11 +179,7 @@ class ProbeConsumer(Consumer):
             )
 
     async def _refused(self, job: ProbeJob, exc: CommandError, now: datetime) -> _Answer:
-        reply = error_reply(job.type, job.message_id, exc.name, exc.message, exc.details)
-        error = {"name": exc.name, "message": exc.message, "details": exc.details}
-        event = command_failed(job.type, job.message_id, job.owner_id, now, error)
-        answer = _Answer(reply, "error", [event])
-        return await STORE_RETRY.run(self._record, job, answer)
+        return await STORE_RETRY.run(self._record, job, _refusal(job, exc, now))
 
     async def _recorded(self, job: ProbeJob, now: datetime) -> _Answer | None:
         if job.message_id is None:
@@ -185,6 +189,11 @@ class ProbeConsumer(Consumer):
             found = (await idempotency.find(conn, [key], now)).get(key)
         if found is None:
             return None
+        if found.type != job.type:
+            # The principal used the message_id for a command of another type while the probe
+            # waited for its relay: refused, unrecorded, as the command consumer refuses such a
+            # repeat (contract 3), not answered with that command's reply.
+            return _refusal(job, _MessageIdReused(), now)
         return _Answer(found.reply, found.status, found.effects, recorded=True)
 
     async def _record(self, job: ProbeJob, answer: _Answer) -> _Answer:
