@@ -193,13 +193,13 @@ async def test_a_relay_probe_whose_message_id_another_type_took_meanwhile_is_a_c
     test = body_of("settings.email.test", owner, {"domain": domain})
     get = body_of("settings.email.get", owner, {"domain": domain})
     with silent_port() as port:
-        options = {"host": "127.0.0.1", "port": port, "starttls": "never", "timeout": 2}
+        options = {"host": "127.0.0.1", "port": port, "starttls": "never", "timeout": 5}
         await env.client.ok("settings.email.create", owner, email_settings(domain, **options))
         probed = await env.client.publish(
             test, "settings.email.test", message_id="probe-id", correlation_id="probe"
         )
         assert probed is not None
-        await asyncio.sleep(0.5)  # the probe waits for its silent relay, 2 s
+        await asyncio.sleep(0.5)  # the probe waits for its silent relay, 5 s
 
         got = json.loads(await send(env.client, get, "probe-id", "settings.email.get"))
         refused = json.loads((await asyncio.wait_for(probed, 20)).body)
