@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.exceptions import MessageProcessError
 
 from worker import acks
 
@@ -124,3 +125,25 @@ async def test_acks_past_a_message_never_settled_go_one_by_one(
 
     assert [m.body for m in messages[1:]] == sent_alone(messages)
     assert [b"1"] == await left_in(connection, queue)
+
+
+async def test_a_message_acked_in_another_ones_multiple_ack_is_not_settled_again(
+    connection: AbstractRobustConnection, queue: str
+) -> None:
+    """aio-pika cannot tell such a message was acked: a second settle sent to the broker would
+    name a tag it no longer knows, and it would close the channel over it (406)."""
+    channel = await connection.channel()
+    messages = await delivered(channel, queue, COUNT)
+    await asyncio.gather(*(acks.ack(m) for m in messages[:3]))  # one ack, 3's
+
+    with pytest.raises(MessageProcessError):
+        await acks.reject(messages[0], requeue=True)
+    with pytest.raises(MessageProcessError):
+        await acks.ack(messages[1])
+    await acks.ack(messages[3])
+    await asyncio.sleep(0.2)
+
+    assert [b"3", b"4"] == sent_alone(messages)
+    assert not (await channel.get_underlay_channel()).is_closed
+    await channel.close()
+    assert [m.body for m in messages[4:]] == await left_in(connection, queue)

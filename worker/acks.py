@@ -24,6 +24,7 @@ from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.exceptions import MessageProcessError
 
 __all__ = ["ack", "reject"]
 
@@ -41,8 +42,18 @@ class _Channel:
         self.settled_upto = 0  # every delivery tag up to this one is settled
         self.settled: set[int] = set()  # settled tags past it
         self.asked: dict[int, AbstractIncomingMessage] = {}
-        self.flush: asyncio.Task[None] | None = None
+        self.flush: asyncio.Task[dict[int, BaseException | None]] | None = None
         self.gathering = True
+
+    def settling(self, message: AbstractIncomingMessage) -> int:
+        """The tag of `message`, which is to be settled now; MessageProcessError if it was
+        settled before, or is being acked: aio-pika cannot tell of a message whose ack was another
+        one's `multiple` ack, and a second settle would cost the channel (406 unknown tag)."""
+        tag = message.delivery_tag
+        assert tag is not None
+        if tag <= self.settled_upto or tag in self.settled or tag in self.asked:
+            raise MessageProcessError("Message already processed", message)
+        return tag
 
     def done(self, tag: int) -> None:
         if not self.gathering:
@@ -56,26 +67,29 @@ class _Channel:
             self.gathering = False
             self.settled.clear()
 
-    async def send(self) -> None:
+    async def send(self) -> dict[int, BaseException | None]:
         """Sends the acks asked for: the run of them that follows what was settled before as
-        one `multiple` ack, the others one by one."""
+        one `multiple` ack, the others one by one. What became of each tag's ack: None when it
+        went out (and is settled), else why not."""
         asked, self.asked, self.flush = self.asked, {}, None
         top, tag = 0, self.settled_upto
         while self.gathering and (tag + 1 in asked or tag + 1 in self.settled):
             tag += 1
             if tag in asked:
                 top = tag
-        singles = [message for tag, message in asked.items() if tag > top]
-        sending = [message.ack() for message in singles]
-        if top:
-            sending.append(asked[top].ack(multiple=True))
-        try:
-            await asyncio.gather(*sending)
-        finally:
-            # What was written is settled (a failure: the channel is gone, with its tags).
-            for tag, message in asked.items():
-                if message.processed or (tag < top and asked[top].processed):
-                    self.done(tag)
+        # Each frame on its own, the run's as its last tag's: what a tag's ack became.
+        frames = [tag for tag in asked if tag > top] + ([top] if top else [])
+        sent = await asyncio.gather(
+            *(asked[tag].ack(multiple=tag == top) for tag in frames), return_exceptions=True
+        )
+        became = dict(zip(frames, sent, strict=True))
+        outcomes: dict[int, BaseException | None] = {}
+        for tag in sorted(asked):
+            outcome = became[tag if tag > top else top]
+            outcomes[tag] = outcome
+            if outcome is None:
+                self.done(tag)
+        return outcomes
 
 
 # Per AMQP channel (aiormq's): a channel opened again after a reconnect starts its tags at 1.
@@ -92,21 +106,20 @@ def _of(message: AbstractIncomingMessage) -> _Channel:
 async def ack(message: AbstractIncomingMessage) -> None:
     """Acks `message`, with whatever else its channel acks in this turn of the event loop."""
     channel = _of(message)
-    tag = message.delivery_tag
-    assert tag is not None
+    tag = channel.settling(message)
     channel.asked[tag] = message
     if channel.flush is None:
         # A task's first step runs after every callback ready now: the acks asked for in this
         # turn are gathered, and none waits for a later one.
         channel.flush = asyncio.get_running_loop().create_task(channel.send())
-        # Its failure reaches those awaiting it; retrieved here too, for when none is left.
-        channel.flush.add_done_callback(lambda task: task.cancelled() or task.exception())
-    await asyncio.shield(channel.flush)
+    outcome = (await asyncio.shield(channel.flush))[tag]
+    if outcome is not None:
+        raise outcome
 
 
 async def reject(message: AbstractIncomingMessage, *, requeue: bool) -> None:
     """Rejects `message` at once; a later `multiple` ack may then run past its tag."""
+    channel = _of(message)
+    tag = channel.settling(message)
     await message.reject(requeue=requeue)
-    tag = message.delivery_tag
-    assert tag is not None
-    _of(message).done(tag)
+    channel.done(tag)
