@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from worker import acks
 from worker.broker import Broker, settle
 from worker.config import Settings
 from worker.errors import BrokerUnavailable, StoreUnavailable
@@ -73,9 +72,9 @@ Settlement = Literal["ack", "requeue", "dead", "none"]
 async def settle_as(message: AbstractIncomingMessage, how: Settlement, event: str) -> None:
     """Settles `message` as `how` says; a failure is logged as `event` (worker.broker.settle)."""
     if how == "ack":
-        await settle(acks.ack(message), event)
+        await settle(message.ack(), event)
     elif how != "none":
-        await settle(acks.reject(message, requeue=how == "requeue"), event)
+        await settle(message.reject(requeue=how == "requeue"), event)
 
 
 # Why an email could not be claimed for sending (`saturated`: its relay, shared with another

@@ -37,7 +37,6 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from schemas import COMMANDS
-from worker import acks
 from worker.broker import PARK_DELAYS, settle
 from worker.consumer import Meta, _MessageIdReused, _returned, error_reply, success_reply
 from worker.errors import (
@@ -94,7 +93,7 @@ class ProbeConsumer(Consumer):
                 raise ValueError(f"{job.type} is not a probe")
         except (pydantic.ValidationError, ValueError):
             log.error("probe.unreadable")
-            await settle(acks.reject(message, requeue=False), "probe.settle_failed")
+            await settle(message.reject(requeue=False), "probe.settle_failed")
             return
         structlog.contextvars.bind_contextvars(
             type=job.type, message_id=job.message_id, correlation_id=job.correlation_id
@@ -119,11 +118,11 @@ class ProbeConsumer(Consumer):
             except Exception as exc:  # noqa: BLE001 - logged, traceback and all
                 failed_attempt(log, "probe.failed_attempt", exc, meta.delivery_count)
                 if not meta.last_attempt:
-                    await settle(acks.reject(message, requeue=True), "probe.settle_failed")
+                    await settle(message.reject(requeue=True), "probe.settle_failed")
                     return Outcome.REQUEUED
                 reply = error_reply(job.type, job.message_id, "GeneralError", GENERAL_ERROR_MESSAGE)
                 await self._reply_quietly(job, reply, "error")
-                await settle(acks.reject(message, requeue=False), "probe.settle_failed")
+                await settle(message.reject(requeue=False), "probe.settle_failed")
                 return Outcome.DEAD_LETTERED
         if _returned(message):
             # Its channel closed meanwhile: the job is back in the queue, and its next run
@@ -137,9 +136,9 @@ class ProbeConsumer(Consumer):
             await self._publish(job, answer, effects)
         except BrokerUnavailable as exc:
             log.warning("probe.publish_failed", cause=repr(exc.__cause__))
-            await settle(acks.reject(message, requeue=True), "probe.settle_failed")
+            await settle(message.reject(requeue=True), "probe.settle_failed")
             return Outcome.REQUEUED
-        await settle(acks.ack(message), "probe.settle_failed")
+        await settle(message.ack(), "probe.settle_failed")
         if answer.recorded:
             return Outcome.DUPLICATE
         return Outcome.ANSWERED if answer.status == "success" else Outcome.REFUSED
@@ -149,9 +148,9 @@ class ProbeConsumer(Consumer):
         try:
             await self.broker.publish_probe(job.parked_again().dump(), delay=delay)
         except BrokerUnavailable:
-            await settle(acks.reject(message, requeue=True), "probe.settle_failed")
+            await settle(message.reject(requeue=True), "probe.settle_failed")
             return Outcome.REQUEUED
-        await settle(acks.ack(message), "probe.settle_failed")
+        await settle(message.ack(), "probe.settle_failed")
         return Outcome.PARKED
 
     # --- the answer -----------------------------------------------------------------------------
