@@ -16,6 +16,8 @@ ticket and one email per command, nothing dead-lettered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import time
 from collections import Counter
 
@@ -42,13 +44,13 @@ def node_of(worker: WorkerProcess) -> str:
     return str(worker.lines_of("broker.connected")[-1]["node"])
 
 
-async def unanswered(rig: Rig, ids: list[str]) -> dict[str, object]:
-    """Where the commands without a reply are: processed by a worker or not, and what waits in
-    the load client's reply queue and the command queues."""
+async def unanswered(rig: Rig, ids: list[str], cluster: PrivateNodes) -> str:
+    """Where the commands without a reply are: what the worker logged of each, what waits in
+    the load client's reply queue and the command queues, and each queue's unacked messages and
+    consumers as the broker counts them. Printed whole (an assertion message is cut short)."""
     missing = [i for i in ids if i not in rig.load.replies]
-    processings = sum((worker.processings(missing) for worker in rig.workers), start=Counter())
     assert rig.load.connection is not None
-    depths = {}
+    depths: dict[str, object] = {}
     names = rig.load.names
     commands = [names.queue(short) for short in COMMAND_QUEUES]
     for name in (rig.load.reply_queue_name, *commands, names.deliveries):
@@ -58,21 +60,47 @@ async def unanswered(rig: Rig, ids: list[str]) -> dict[str, object]:
                 depths[name] = queue.declaration_result.message_count
         except Exception as exc:
             depths[name] = repr(exc)
-    return {
+    shown = set(missing[:10])
+    logged = [
+        {key: line.get(key) for key in ("message_id", "event", "outcome", "reason", "level")}
+        for worker in rig.workers
+        for line in worker.lines()
+        if line.get("message_id") in shown
+    ]
+    queues = ""
+    for index, node in enumerate(cluster.nodes):
+        if cluster.running(index):
+            columns = ("name", "messages_ready", "messages_unacknowledged", "consumers", "leader")
+            with contextlib.suppress(Exception):
+                queues = await asyncio.to_thread(
+                    cluster.ctl, node, "list_queues", *columns, timeout=30
+                )
+            break
+    report = {
         "answered": len(ids) - len(missing),
         "missing": missing[:10],
-        "missing_processed": sum(1 for i in missing if processings[i]),
+        "missing_count": len(missing),
+        "logged_of_missing": logged,
         "queue_depths": depths,
+        "queues": queues,
         "worker_tail": [worker.tail(15) for worker in rig.workers],
     }
+    text = json.dumps(report, indent=1, default=str)
+    print(text)  # pytest shows it under "Captured stdout call"
+    return text
 
 
 async def settled(
-    rig: Rig, ids: list[str], timeout: float, other_sids: frozenset[str] = frozenset()
+    rig: Rig,
+    cluster: PrivateNodes,
+    ids: list[str],
+    timeout: float,
+    other_sids: frozenset[str] = frozenset(),
 ) -> dict[str, object]:
     """Waits for every reply and email; checks nothing was lost or doubled; the figures.
     `other_sids`: tickets made by other commands than the load client's `ids`."""
-    assert await rig.load.wait_answered(ids, len(ids), timeout=timeout), await unanswered(rig, ids)
+    if not await rig.load.wait_answered(ids, len(ids), timeout=timeout):
+        pytest.fail(await unanswered(rig, ids, cluster))
     sids = set(rig.replies_of(ids).values()) | other_sids
     assert await rig.wait_emails(sids, timeout=timeout)
     tickets = await rig.query("SELECT count(*) AS n FROM tickets")
@@ -117,7 +145,7 @@ async def test_kill_9_of_the_workers_node_in_the_middle_of_1000_tickets(
     # The killed node comes back, as it would: P.dead (a classic queue) lives there.
     await asyncio.to_thread(rabbit_cluster.restart, victim)
     # An email whose lease was taken on the lost node's watch may wait out its 60 s lease.
-    figures = await settled(rig, ids, timeout=90)
+    figures = await settled(rig, rabbit_cluster, ids, timeout=90)
 
     figure(
         "cluster kill -9",
@@ -154,7 +182,7 @@ async def test_a_rolling_restart_of_all_three_nodes_under_load(
     rolling = asyncio.create_task(roll())
     failed_publishes = await rig.load.publish_steadily(commands, per_second=20, timeout=120)
     await rolling
-    figures = await settled(rig, ids, timeout=90)
+    figures = await settled(rig, rabbit_cluster, ids, timeout=90)
 
     figure(
         "cluster rolling restart",
@@ -194,7 +222,7 @@ async def test_two_workers_on_two_nodes_and_a_client_on_the_third(
             )
         )
     direct_sids = frozenset(r.data.sid for r in replies if isinstance(r, SuccessReply))
-    figures = await settled(rig, ids, timeout=90, other_sids=direct_sids)
+    figures = await settled(rig, rabbit_cluster, ids, timeout=90, other_sids=direct_sids)
 
     by_worker = [sum(worker.processings(ids).values()) for worker in rig.workers]
     figure(
