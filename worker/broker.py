@@ -86,6 +86,11 @@ COMMAND_QUEUES: Mapping[str, str] = {
     "settings": "settings.#",
 }
 PUBLISH_TIMEOUT = 15.0
+# A publish the broker nacks while the connection stands is sent again after each of these
+# (seconds). A node's restart makes the broker nack for a second or two (a queue it routes to is
+# between leaders, or on a node still starting); requeueing the message at once instead would
+# spend its DELIVERY_LIMIT attempts within that time and dead-letter a command that ran.
+NACK_RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0)
 # How long a starting worker tries the broker's nodes before it gives up.
 STARTUP_CONNECT_TIMEOUT = 30.0
 # The delay queues a parked job waits in (its owner or relay had no turn for it soon:
@@ -382,17 +387,26 @@ class Broker:
         type_: str | None = None,
         headers: dict[str, Any] | None = None,
     ) -> None:
-        """Publishes a persistent message and waits for the broker's confirm."""
+        """Publishes a persistent message and waits for the broker's confirm; a nack, sent again
+        after each of NACK_RETRY_DELAYS. BrokerUnavailable once the connection or channel is
+        lost, or past the last of them."""
         assert self._publisher is not None
         self._require_connection()
         properties = json_properties(
             message_id=message_id, correlation_id=correlation_id, type_=type_, headers=headers
         )
         target = "" if exchange == "" else self._exchanges[exchange].name
-        try:
-            await _confirmed(self._publisher, target, body, properties, routing_key)
-        except _publish_errors() as exc:
-            raise BrokerUnavailable(f"publish to {exchange or 'default'} failed") from exc
+        for delay in (*NACK_RETRY_DELAYS, None):
+            try:
+                await _confirmed(self._publisher, target, body, properties, routing_key)
+                return
+            except DeliveryError as exc:
+                if delay is None:
+                    raise BrokerUnavailable(f"publish to {exchange or 'default'} nacked") from exc
+                log.warning("publish.nacked", exchange=exchange or "default", retry_in=delay)
+            except _publish_errors() as exc:
+                raise BrokerUnavailable(f"publish to {exchange or 'default'} failed") from exc
+            await asyncio.sleep(delay)
 
     async def publish_event(self, routing_key: str, body: bytes) -> None:
         await self.publish("events", routing_key, body)

@@ -18,7 +18,9 @@
 |   counts them, not a publisher's header)         |                 |                            |
 | its reply refused by the broker (a nack, its     | dropped         | ack                        |
 |   channel closed over it), or its queue gone     |                 |                            |
-| the broker connection lost while publishing      | none            | reject with requeue        |
+| the broker connection lost while publishing, or  | none            | reject with requeue        |
+|   its events/jobs still nacked after the pauses  |                 |                            |
+|   of worker.broker.NACK_RETRY_DELAYS             |                 |                            |
 | its channel closed while it ran                  | none (not yet)  | back in the queue already  |
 | a bug in this module (it must not happen)        | none            | reject with requeue        |
 
