@@ -388,17 +388,30 @@ class Broker:
         headers: dict[str, Any] | None = None,
     ) -> None:
         """Publishes a persistent message and waits for the broker's confirm; a nack, sent again
-        after each of NACK_RETRY_DELAYS. BrokerUnavailable once the connection or channel is
-        lost, or past the last of them."""
+        after each of NACK_RETRY_DELAYS on the same channel. BrokerUnavailable once that channel
+        or the connection is lost, or past the last of them."""
         assert self._publisher is not None
         self._require_connection()
         properties = json_properties(
             message_id=message_id, correlation_id=correlation_id, type_=type_, headers=headers
         )
         target = "" if exchange == "" else self._exchanges[exchange].name
+        raw: RawChannel | None = None
         for delay in (*NACK_RETRY_DELAYS, None):
             try:
-                await _confirmed(self._publisher, target, body, properties, routing_key)
+                async with asyncio.timeout(PUBLISH_TIMEOUT):
+                    if raw is None:
+                        raw = await _ready(self._publisher)
+                    elif raw.is_closed:
+                        # A nacked publish goes out again on its channel or not at all: once
+                        # that channel's connection is gone, the broker has given the message
+                        # being processed back, and its next delivery publishes this again;
+                        # publishing it on a channel restored since would send its reply twice.
+                        raise ChannelInvalidStateError("the channel of a nacked publish closed")
+                    # A nack raises DeliveryError.
+                    await raw.basic_publish(
+                        body, exchange=target, routing_key=routing_key, properties=properties
+                    )
                 return
             except DeliveryError as exc:
                 if delay is None:
@@ -686,26 +699,14 @@ def json_properties(
     )
 
 
-async def _confirmed(
-    channel: AbstractRobustChannel,
-    exchange: str,
-    body: bytes,
-    properties: spec.Basic.Properties,
-    routing_key: str,
-) -> None:
-    """Publishes on `channel`'s AMQP channel and waits for the broker's confirm; a nack raises
-    DeliveryError."""
-    async with asyncio.timeout(PUBLISH_TIMEOUT):
-        # After a reconnect aio-pika restores channels one by one, in no fixed order: the
-        # consumers' may be back before this one. Wait for it rather than fail, which would
-        # spend a delivery attempt of the message being processed.
-        await channel.ready()
-        if channel.is_closed:
-            raise ChannelInvalidStateError(f"{channel!r} closed")
-        raw = await channel.get_underlay_channel()
-        await raw.basic_publish(
-            body, exchange=exchange, routing_key=routing_key, properties=properties
-        )
+async def _ready(channel: AbstractRobustChannel) -> RawChannel:
+    """`channel`'s AMQP channel, once aio-pika has it open. After a reconnect aio-pika restores
+    channels one by one, in no fixed order: the consumers' may be back before this one. Waiting
+    for it rather than failing spares a delivery attempt of the message being processed."""
+    await channel.ready()
+    if channel.is_closed:
+        raise ChannelInvalidStateError(f"{channel!r} closed")
+    return await channel.get_underlay_channel()
 
 
 async def _ignore(message: Any) -> None:
